@@ -1,0 +1,117 @@
+"""The factored LoRA path: ``x @ W + s * (dropout(x) @ a) @ b``, never forming ``W + s a @ b``.
+
+It intercepts the calls of ``flax.linen`` ``Dense`` / ``DenseGeneral`` modules whose kernel path
+has an adapter, so it works with any linen model and costs two thin matmuls per target instead
+of a weight-sized copy: the path for models too big to duplicate their weights, and the only
+one that applies LoRA dropout. Outputs equal :func:`flaxlora.apply_lora`'s merged path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxlora import variants
+from flaxlora.config import LoraConfig, first_match
+from flaxlora.lora import adapters_by_path, path_key
+
+PyTree = Any
+
+
+def _strip_collection(adapters: dict[str, Any]) -> dict[str, Any]:
+    """Adapters made from a ``{"params": ...}`` variables dict are named without that prefix."""
+    if adapters and all(p.startswith("params/") for p in adapters):
+        return {p.removeprefix("params/"): v for p, v in adapters.items()}
+    return adapters
+
+
+def _contracted_axes(module: nn.Module, ndim: int) -> tuple[int, ...]:
+    axis = getattr(module, "axis", -1)
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    return tuple(sorted(ax % ndim for ax in axes))
+
+
+def _lora_output(module, x, y, adapter, path, config, rng):
+    """``y = module(x)`` plus the adapter's contribution (DoRA: rescaled per output unit)."""
+    if first_match(config.stack_axes, path, 0):
+        raise ValueError(f"{path!r}: stacked (scanned) targets are not supported on the factored path; use apply_lora")
+    a, b = adapter["a"], adapter["b"]
+    n_in = a.ndim - 1
+    if _contracted_axes(module, x.ndim) != tuple(range(x.ndim - n_in, x.ndim)):
+        raise ValueError(f"{path!r}: the module must contract the last {n_in} input axes to use the factored path")
+    scale = config.scale_for(path)
+    if config.rank_for(path) != a.shape[-1]:
+        raise ValueError(f"{path!r}: adapter rank {a.shape[-1]} != configured rank {config.rank_for(path)}")
+    h = x
+    if rng is not None and config.dropout > 0:
+        keep = jax.random.bernoulli(path_key(rng, path), 1.0 - config.dropout, x.shape)
+        h = jnp.where(keep, x / (1.0 - config.dropout), 0).astype(x.dtype)
+    dtype = y.dtype
+    delta = scale * jnp.tensordot(jnp.tensordot(h.astype(dtype), a.astype(dtype), n_in), b.astype(dtype), 1)
+    if not config.use_dora:
+        return y + delta
+    rank = a.shape[-1]
+    a2, b2 = a.reshape(-1, rank), b.reshape(rank, -1)
+    kernel = module.get_variable("params", "kernel").astype(jnp.float32).reshape(a2.shape[0], -1)
+    norm = variants.factored_column_norm(kernel, a2, b2, scale)
+    factor = (adapter["magnitude"].reshape(-1) / jax.lax.stop_gradient(norm)).reshape(b.shape[1:]).astype(dtype)
+    bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else 0
+    return factor * (y - bias + delta) + bias
+
+
+@contextlib.contextmanager
+def lora_interceptor(
+    lora_params: PyTree, config: LoraConfig, *, rng: jax.Array | None = None
+) -> Iterator[set[str]]:
+    """Within this context, linen Dense/DenseGeneral layers with an adapter apply it factored.
+
+    Args:
+      lora_params: the adapter tree (from :func:`flaxlora.init_lora` on the model's params).
+      config: its LoraConfig.
+      rng: key for LoRA dropout (``config.dropout``); None for evaluation (no dropout).
+
+    Yields the set of adapter paths applied so far (to check that every target was reached).
+    """
+    adapters = _strip_collection(adapters_by_path(lora_params))
+    applied: set[str] = set()
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+            return next_fun(*args, **kwargs)
+        path = "/".join((*module.path, "kernel"))
+        if path not in adapters:
+            return next_fun(*args, **kwargs)
+        applied.add(path)
+        y = next_fun(*args, **kwargs)
+        return _lora_output(module, args[0], y, adapters[path], path, config, rng)
+
+    with nn.intercept_methods(interceptor):
+        yield applied
+
+
+def apply_factored(
+    module: nn.Module,
+    variables: PyTree,
+    lora_params: PyTree,
+    config: LoraConfig,
+    *args: Any,
+    lora_rng: jax.Array | None = None,
+    **kwargs: Any,
+) -> Any:
+    """``module.apply(variables, *args, **kwargs)`` with the adapter applied on the factored path.
+
+    Raises ValueError if some adapter was never reached (e.g. a target that is not a Dense kernel,
+    such as an embedding table: use :func:`flaxlora.apply_lora` for those).
+    """
+    with lora_interceptor(lora_params, config, rng=lora_rng) as applied:
+        out = module.apply(variables, *args, **kwargs)
+    unreached = set(_strip_collection(adapters_by_path(lora_params))) - applied
+    if unreached:
+        raise ValueError(f"adapters never applied on the factored path (not Dense kernels?): {sorted(unreached)[:5]}")
+    return out

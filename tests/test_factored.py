@@ -1,0 +1,72 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from toy_models import TOY_IN_AXES, perturb_b, toy_setup
+
+import flaxlora
+
+TARGETS = r"(query|key|value|out|ffn|head)/kernel$"
+
+
+def scale_magnitudes(lora, factor=1.3):
+    return jax.tree_util.tree_map_with_path(lambda p, m: m * factor if p[-1].key == "magnitude" else m, lora)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(scaling="rslora"), dict(use_dora=True), dict(use_dora=True, scaling="rslora")],
+    ids=["standard", "rslora", "dora", "dora-rslora"],
+)
+def test_factored_equals_merged(options):
+    model, params, x = toy_setup()
+    config = flaxlora.LoraConfig(rank=2, alpha=4.0, targets=TARGETS, in_axes=TOY_IN_AXES, **options)
+    lora = scale_magnitudes(perturb_b(flaxlora.init_lora(params, config, jax.random.key(0))))
+    merged = model.apply({"params": flaxlora.apply_lora(params, lora, config)}, x)
+    factored = flaxlora.apply_factored(model, {"params": params}, lora, config, x)
+    np.testing.assert_allclose(factored, merged, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(factored, model.apply({"params": params}, x), atol=1e-3)
+
+
+def test_factored_gradients_equal_merged_gradients():
+    model, params, x = toy_setup()
+    config = flaxlora.LoraConfig(rank=2, alpha=4.0, targets=TARGETS, in_axes=TOY_IN_AXES, use_dora=True)
+    lora = perturb_b(flaxlora.init_lora(params, config, jax.random.key(0)))
+    merged_loss = lambda l: jnp.sum(model.apply({"params": flaxlora.apply_lora(params, l, config)}, x) ** 2)
+    factored_loss = lambda l: jnp.sum(flaxlora.apply_factored(model, {"params": params}, l, config, x) ** 2)
+    g_merged, g_factored = jax.grad(merged_loss)(lora), jax.grad(factored_loss)(lora)
+    for gm, gf in zip(jax.tree.leaves(g_merged), jax.tree.leaves(g_factored)):
+        np.testing.assert_allclose(gf, gm, rtol=1e-4, atol=1e-5)
+
+
+def test_factored_under_jit_with_variables_dict_adapter():
+    model, params, x = toy_setup()
+    config = flaxlora.LoraConfig(rank=2, alpha=4.0, targets=TARGETS, in_axes=TOY_IN_AXES)
+    lora = perturb_b(flaxlora.init_lora({"params": params}, config, jax.random.key(0)))
+    assert "params" in lora  # built from the variables dict: paths carry the collection name
+    fn = jax.jit(lambda p, l: flaxlora.apply_factored(model, {"params": p}, l, config, x))
+    expected = model.apply({"params": flaxlora.apply_lora({"params": params}, lora, config)["params"]}, x)
+    np.testing.assert_allclose(fn(params, lora), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_only_with_a_key_and_scaled_to_keep_the_mean():
+    model, params, x = toy_setup()
+    config = flaxlora.LoraConfig(rank=2, alpha=4.0, targets=r"ffn/kernel$", dropout=0.5)
+    lora = perturb_b(flaxlora.init_lora(params, config, jax.random.key(0)), scale=1.0)
+    plain = flaxlora.apply_factored(model, {"params": params}, lora, config, x)
+    np.testing.assert_allclose(
+        plain, model.apply({"params": flaxlora.apply_lora(params, lora, config)}, x), rtol=1e-5, atol=1e-5
+    )
+    run = lambda k: flaxlora.apply_factored(model, {"params": params}, lora, config, x, lora_rng=jax.random.key(k))
+    assert not np.allclose(run(1), plain, atol=1e-4)
+    np.testing.assert_array_equal(run(1), run(1))
+    assert not np.allclose(run(1), run(2), atol=1e-4)
+
+
+def test_factored_rejects_adapters_it_cannot_reach():
+    model, params, x = toy_setup()
+    params = {**params, "table": {"embedding": jnp.ones((10, 4))}}
+    config = flaxlora.LoraConfig(rank=2, targets=r"(ffn/kernel|table/embedding)$")
+    lora = flaxlora.init_lora(params, config, jax.random.key(0))
+    with pytest.raises(ValueError, match="table/embedding"):
+        flaxlora.apply_factored(model, {"params": params}, lora, config, x)

@@ -1,0 +1,21 @@
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxlora import paths
+
+
+def test_flatten_unflatten_replace():
+    tree = {"enc": {"layer": [{"w": jnp.ones((2, 3))}, {"w": jnp.zeros((2, 3))}]}, "b": jnp.ones(3)}
+    flat = paths.flatten(tree)
+    assert list(flat) == ["b", "enc/layer/0/w", "enc/layer/1/w"]
+    assert paths.unflatten({"x/y": 1, "x/z": 2, "w": 3}) == {"x": {"y": 1, "z": 2}, "w": 3}
+    new = paths.replace(tree, {"enc/layer/1/w": jnp.full((2, 3), 5.0)})
+    assert float(new["enc"]["layer"][1]["w"][0, 0]) == 5.0
+    assert float(new["enc"]["layer"][0]["w"][0, 0]) == 1.0
+    assert paths.lora_candidates(tree) == [("enc/layer/0/w", (2, 3)), ("enc/layer/1/w", (2, 3))]
+    assert list(paths.flatten(paths.select(tree, ["b"]))) == ["b"]
+
+
+def test_nnx_paths_drop_the_value_attribute():
+    state = nnx.split(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))[1]
+    assert sorted(paths.flatten(state)) == ["bias", "kernel"]
