@@ -150,9 +150,12 @@ def merge(params: PyTree, lora_params: PyTree, config: LoraConfig, extras: PyTre
 
     The result runs with the unmodified model at zero overhead.
     """
-    if extras is not None:
-        params = paths.replace(params, paths.flatten(extras))
-    return apply_lora(params, lora_params, config)
+    return apply_lora(with_extras(params, extras), lora_params, config)
+
+
+def with_extras(params: PyTree, extras: PyTree | None) -> PyTree:
+    """``params`` with the leaves of ``extras`` (a tree from :func:`trainable_params`) swapped in."""
+    return params if extras is None else paths.replace(params, paths.flatten(extras))
 
 
 def unmerge(merged_params: PyTree, lora_params: PyTree, config: LoraConfig) -> PyTree:

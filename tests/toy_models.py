@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -50,3 +51,39 @@ def perturb_b(lora, seed: int = 7, scale: float = 0.3):
         for k, (path, x) in zip(keys, leaves)
     ]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class ToyClassifier(nn.Module):
+    """A tiny token classifier with the flaxlora.models call signature."""
+
+    vocab: int = 32
+    width: int = 16
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic=True):
+        x = nn.Embed(self.vocab, self.width, name="embed")(input_ids)
+        x = jax.nn.gelu(nn.Dense(self.width, name="query")(x))
+        x = nn.Dropout(self.dropout)(x, deterministic)
+        x = jax.nn.gelu(nn.Dense(self.width, name="value")(x)) + x
+        mask = attention_mask[..., None].astype(x.dtype)
+        pooled = (x * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+        return nn.Dense(2, name="head")(pooled)
+
+
+def toy_batches(n_batches: int, batch_size: int = 16, seq: int = 8, seed: int = 0, vocab: int = 32):
+    """Label 1 iff token 3 occurs among the real tokens; the last 2 rows of each batch are padding."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = rng.integers(4, vocab, (batch_size, seq)).astype(np.int32)
+        lengths = rng.integers(2, seq + 1, batch_size)
+        mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
+        hit = rng.random(batch_size) < 0.5
+        ids[hit, 0] = 3
+        ids = ids * mask
+        weights = np.ones(batch_size, np.float32)
+        weights[-2:] = 0.0
+        out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+                    "labels": hit.astype(np.int32), "weights": weights})
+    return out

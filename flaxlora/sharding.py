@@ -1,0 +1,113 @@
+"""Device meshes and shardings: batch over ('data', 'fsdp'), frozen weights over 'fsdp', LoRA replicated.
+
+Every mesh has the three axes ``data``, ``fsdp`` and ``tensor`` (size 1 where unused), so the
+models' logical-axis rules (:data:`flaxlora.models.LOGICAL_AXIS_RULES`) always resolve. On
+several hosts, build the mesh after ``jax.distributed.initialize()``; it spans all devices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+PyTree = Any
+
+
+def parse_mesh(spec: str | Mapping[str, int] | None, n_devices: int) -> dict[str, int]:
+    """Axis sizes from ``"data=4,fsdp=2"`` (one size may be -1: the rest); default all on data.
+
+    Raises ValueError naming the problem for unknown axes, bad sizes or a device-count mismatch.
+    """
+    if spec is None or spec == "":
+        return {"data": n_devices, "fsdp": 1, "tensor": 1}
+    if isinstance(spec, str):
+        sizes = {}
+        for part in spec.split(","):
+            name, sep, value = part.partition("=")
+            if not sep or not value.strip().lstrip("-").isdigit():
+                raise ValueError(f"mesh spec {spec!r}: expected 'axis=size[,axis=size]', got {part!r}")
+            sizes[name.strip()] = int(value)
+    else:
+        sizes = dict(spec)
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh spec {spec!r}: unknown axes {sorted(unknown)}; axes are {MESH_AXES}")
+    if list(sizes.values()).count(-1) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+        raise ValueError(f"mesh spec {spec!r}: sizes must be positive (at most one -1)")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    for name, value in sizes.items():
+        if value == -1:
+            sizes[name] = n_devices // known
+    full = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+    if math.prod(full.values()) != n_devices:
+        raise ValueError(f"mesh {full} needs {math.prod(full.values())} devices, {n_devices} available")
+    return full
+
+
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor) over ``devices`` (default: all devices, all hosts)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh(spec, len(devices))
+    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(grid, MESH_AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over data x fsdp."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drop the mesh axes of any dimension they do not divide (that dimension is replicated)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[n] for n in names)
+        fitted.append(axes if names and dim % size == 0 else None)
+    return P(*fitted)
+
+
+def logical_shardings(params: PyTree, logical_specs: PyTree, mesh: Mesh, rules) -> PyTree:
+    """NamedSharding per leaf of ``params`` from its logical PartitionSpec and ``rules``."""
+    mesh_specs = nn.logical_to_mesh(logical_specs, rules)
+    return jax.tree.map(
+        lambda x, spec: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+        params,
+        mesh_specs,
+        is_leaf=lambda s: isinstance(s, P),
+    )
+
+
+def fsdp_shardings(params: PyTree, mesh: Mesh) -> PyTree:
+    """For models without logical annotations: shard each matrix's largest divisible axis over fsdp."""
+    size = mesh.shape["fsdp"]
+
+    def spec(x):
+        if x.ndim < 2 or size == 1:
+            return NamedSharding(mesh, P())
+        dims = sorted(range(x.ndim), key=lambda d: -x.shape[d])
+        axis = next((d for d in dims if x.shape[d] % size == 0), None)
+        parts = [None] * x.ndim
+        if axis is not None:
+            parts[axis] = "fsdp"
+        return NamedSharding(mesh, P(*parts))
+
+    return jax.tree.map(spec, params)
+
+
+def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble this host's rows of a global batch into arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

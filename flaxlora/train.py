@@ -1,0 +1,188 @@
+"""The LoRA training step: differentiate the trainable tree only, jitted with explicit shardings.
+
+A classifier here is a linen module called as ``model.apply({"params": p}, input_ids,
+attention_mask, token_type_ids, deterministic=..., rngs=...) -> logits (batch, classes)``, like
+:mod:`flaxlora.models`. The train state holds the adapters, the fully trained extras and the
+optimizer state; the frozen base params are a separate argument that the loss closes over, so
+no gradient is ever formed for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from flaxlora import sharding
+from flaxlora.config import LoraConfig
+from flaxlora.factored import apply_factored
+from flaxlora.lora import apply_lora, init_adapter, trainable_params, with_extras
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+LogitsFn = Callable[[PyTree, PyTree, Batch, "jax.Array | None"], jax.Array]
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything that changes during training (and is checkpointed).
+
+    ``trainable`` is ``{"lora": adapter tree, "extras": fully trained params}``; ``rng`` holds
+    the raw key data of the step keys (step ``i`` uses ``fold_in(rng, i)``, so a resumed run
+    draws the same dropout masks).
+    """
+
+    step: jax.Array
+    trainable: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+
+
+def init_train_state(
+    params: PyTree, config: LoraConfig, tx: optax.GradientTransformation, rng: jax.Array
+) -> tuple[TrainState, PyTree]:
+    """``(state, frozen)``: a fresh adapter and optimizer, and the frozen base (PiSSA/OLoRA: the residual)."""
+    init_rng, step_rng = jax.random.split(rng)
+    frozen, lora = init_adapter(params, config, init_rng)
+    extras = jax.tree.map(lambda x: x.astype(jnp.float32), trainable_params(frozen, config))
+    trainable = {"lora": lora, "extras": extras}
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        opt_state=tx.init(trainable),
+        rng=jax.random.key_data(step_rng),
+    )
+    return state, frozen
+
+
+def logits_fn(model: nn.Module, config: LoraConfig, lora_path: str = "merged") -> LogitsFn:
+    """``f(frozen, trainable, batch, rng) -> logits (batch, classes)``; ``rng=None`` evaluates.
+
+    lora_path: ``"merged"`` forms ``W + s a@b`` once per call (no LoRA dropout); ``"factored"``
+    computes ``x@W + s (dropout(x)@a)@b`` and never copies a weight.
+    """
+    if lora_path not in ("merged", "factored"):
+        raise ValueError(f"lora_path must be 'merged' or 'factored', got {lora_path!r}")
+
+    def apply(frozen: PyTree, trainable: PyTree, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
+        args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        deterministic = rng is None
+        model_rng, lora_rng = (None, None) if deterministic else jax.random.split(rng)
+        kwargs = dict(deterministic=deterministic, rngs={} if deterministic else {"dropout": model_rng})
+        base = with_extras(frozen, trainable["extras"])
+        if lora_path == "merged":
+            return model.apply({"params": apply_lora(base, trainable["lora"], config)}, *args, **kwargs)
+        return apply_factored(model, {"params": base}, trainable["lora"], config, *args, lora_rng=lora_rng, **kwargs)
+
+    return apply
+
+
+def weighted_cross_entropy(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array, label_smoothing: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """``(sum of weighted losses, sum of weights)``; padding rows have weight 0."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """Static options of the train step.
+
+    accum_steps: micro-batches per step (gradient accumulation); the batch splits along axis 0
+      and the step's gradient is the weighted mean over all of them, as one big batch would give.
+    label_smoothing: cross-entropy label smoothing.
+    """
+
+    accum_steps: int = 1
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.accum_steps < 1:
+            raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
+
+
+def train_step(
+    state: TrainState,
+    frozen: PyTree,
+    batch: Batch,
+    *,
+    apply: LogitsFn,
+    tx: optax.GradientTransformation,
+    options: StepOptions = StepOptions(),
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on ``batch`` (leading axis: examples); returns the new state and metrics."""
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def micro_grads(carry, xs):
+        micro, rng = xs
+
+        def loss_sum(trainable):
+            logits = apply(frozen, trainable, micro, rng)
+            return weighted_cross_entropy(logits, micro["labels"], micro["weights"], options.label_smoothing)
+
+        (loss, weight), grads = jax.value_and_grad(loss_sum, has_aux=True)(state.trainable)
+        total_loss, total_weight, total_grads = carry
+        return (total_loss + loss, total_weight + weight, jax.tree.map(jnp.add, total_grads, grads)), None
+
+    n = options.accum_steps
+    micro_batches = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+    (loss, weight, grads), _ = jax.lax.scan(micro_grads, init, (micro_batches, jax.random.split(step_rng, n)))
+    weight = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    new_state = state.replace(
+        step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates), opt_state=opt_state
+    )
+    metrics = {
+        "loss": loss / weight,
+        "grad_norm": optax.tree.norm(grads),
+        "tokens": jnp.sum(batch["attention_mask"]),
+    }
+    return new_state, metrics
+
+
+def jit_train_step(
+    apply: LogitsFn,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    state: TrainState,
+    frozen_shardings: PyTree,
+    options: StepOptions = StepOptions(),
+):
+    """``train_step`` jitted over ``mesh``: state (LoRA, optimizer) replicated, frozen weights as
+    given (e.g. over fsdp), the batch split over (data, fsdp); the old state's buffers are donated.
+
+    Returns ``(step_fn, state_shardings)``; call ``step_fn(state, frozen, batch)``.
+    """
+    state_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+    batch_shardings = sharding.batch_sharding(mesh)
+    step = jax.jit(
+        lambda s, f, b: train_step(s, f, b, apply=apply, tx=tx, options=options),
+        in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    return step, state_shardings
+
+
+def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int, decay: str = "linear") -> optax.Schedule:
+    """Linear warmup to ``peak``, then ``"linear"`` or ``"cosine"`` decay to 0 at ``total_steps``."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    rest = max(total_steps - warmup_steps, 1)
+    if decay == "linear":
+        after = optax.linear_schedule(peak, 0.0, rest)
+    elif decay == "cosine":
+        after = optax.cosine_decay_schedule(peak, rest)
+    else:
+        raise ValueError(f"decay must be 'linear' or 'cosine', got {decay!r}")
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), after], [warmup_steps])

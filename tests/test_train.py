@@ -1,0 +1,121 @@
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from toy_models import ToyClassifier, toy_batches
+
+import flaxlora
+from flaxlora import paths, sharding, train
+
+CONFIG = flaxlora.LoraConfig(rank=4, alpha=8.0, targets=r"(query|value)/kernel$", trainable=r"^head/")
+
+
+def setup(model=None, lr=1e-2, seed=0):
+    model = model or ToyClassifier(dropout=0.0)
+    batch = toy_batches(1)[0]
+    params = model.init(jax.random.key(seed), batch["input_ids"], batch["attention_mask"])["params"]
+    tx = flaxlora.lora_optimizer(lr, loraplus_ratio=4.0)
+    state, frozen = train.init_train_state(params, CONFIG, tx, jax.random.key(seed + 1))
+    return model, params, tx, state, frozen
+
+
+def run(model, tx, state, frozen, batches, lora_path="merged", options=train.StepOptions()):
+    step = jax.jit(lambda s, f, b: train.train_step(
+        s, f, b, apply=train.logits_fn(model, CONFIG, lora_path), tx=tx, options=options))
+    losses = []
+    for b in batches:
+        state, metrics = step(state, frozen, b)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_training_lowers_the_loss_and_leaves_the_base_alone():
+    model, params, tx, state, frozen = setup()
+    state, losses = run(model, tx, state, frozen, toy_batches(40, seed=1))
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+    assert int(state.step) == 40
+    for p, w in paths.flatten(frozen).items():
+        np.testing.assert_array_equal(w, paths.flatten(params)[p])
+    assert set(paths.flatten(state.trainable)) == {
+        "lora/query/kernel/a", "lora/query/kernel/b", "lora/value/kernel/a", "lora/value/kernel/b",
+        "extras/head/kernel", "extras/head/bias"}
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    model, _, tx, state, frozen = setup()
+    batches = toy_batches(3, batch_size=16, seed=2)
+    big, big_losses = run(model, tx, state, frozen, batches)
+    acc, acc_losses = run(model, tx, state, frozen, batches, options=train.StepOptions(accum_steps=4))
+    np.testing.assert_allclose(acc_losses, big_losses, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(acc.trainable), jax.tree.leaves(big.trainable)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_factored_and_merged_paths_train_alike():
+    model, _, tx, state, frozen = setup()
+    batches = toy_batches(5, seed=3)
+    _, merged = run(model, tx, state, frozen, batches, "merged")
+    _, factored = run(model, tx, state, frozen, batches, "factored")
+    np.testing.assert_allclose(factored, merged, rtol=1e-4)
+
+
+def test_padding_rows_do_not_change_the_step():
+    model, _, tx, state, frozen = setup()
+    batch = toy_batches(1, seed=4)[0]
+    garbage = dict(batch, labels=batch["labels"].copy())
+    garbage["labels"][-2:] = 1 - garbage["labels"][-2:]
+    (s1, l1), (s2, l2) = run(model, tx, state, frozen, [batch]), run(model, tx, state, frozen, [garbage])
+    assert l1 == l2
+    for x, y in zip(jax.tree.leaves(s1.trainable), jax.tree.leaves(s2.trainable)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_dropout_keys_depend_on_the_step_only():
+    model, _, tx, state, frozen = setup(model=ToyClassifier(dropout=0.3))
+    config = CONFIG.replace(dropout=0.2)
+    apply = train.logits_fn(model, config, "factored")
+    step = jax.jit(lambda s, f, b: train.train_step(s, f, b, apply=apply, tx=tx))
+    batch = toy_batches(1, seed=5)[0]
+    (a, ma), (b, mb) = step(state, frozen, batch), step(state, frozen, batch)
+    assert float(ma["loss"]) == float(mb["loss"])
+    later = state.replace(step=state.step + 1)
+    assert float(step(later, frozen, batch)[1]["loss"]) != float(ma["loss"])
+
+
+def test_schedule_warms_up_then_decays():
+    schedule = train.learning_rate_schedule(1e-3, total_steps=100, warmup_steps=10)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(10)) == pytest.approx(1e-3)
+    assert float(schedule(55)) == pytest.approx(5e-4)
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
+    cosine = train.learning_rate_schedule(1e-3, 100, 10, decay="cosine")
+    assert float(cosine(55)) == pytest.approx(5e-4, rel=1e-3)
+    with pytest.raises(ValueError, match="decay"):
+        train.learning_rate_schedule(1e-3, 100, 10, decay="step")
+
+
+def test_mesh_specs():
+    assert sharding.parse_mesh("data=4,fsdp=2", 8) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert sharding.parse_mesh("fsdp=-1", 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert sharding.parse_mesh(None, 2) == {"data": 2, "fsdp": 1, "tensor": 1}
+    for bad, message in [("data=3", "needs 3 devices"), ("model=2", "unknown axes"), ("data", "expected 'axis=size")]:
+        with pytest.raises(ValueError, match=message):
+            sharding.parse_mesh(bad, 2)
+
+
+def test_eight_devices_give_the_one_device_losses():
+    script = pathlib.Path(__file__).with_name("sharded_losses.py")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    assert result["sharded_frozen"], "frozen weights were not split over fsdp"
+    np.testing.assert_allclose(result["mesh"], result["single"], rtol=1e-5)
+    assert result["single"][-1] < result["single"][0]
