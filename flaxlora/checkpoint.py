@@ -1,0 +1,103 @@
+"""Orbax checkpoints of a LoRA run: adapters + extras, optimizer state, step, data position, config.
+
+Layout under ``directory`` (one folder per step, written atomically by orbax, the last
+``max_to_keep`` kept)::
+
+    <step>/trainable/   {"lora": adapters, "extras": fully trained params}  (all inference needs)
+    <step>/train/       {"step", "opt_state", "rng"}                          (for --resume)
+    <step>/meta/        JSON: run config, LoRA config, data iterator position, metrics
+
+The frozen base model is not saved: it is rebuilt from the saved config.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from flaxlora.train import TrainState
+
+PyTree = Any
+
+
+class Checkpointer:
+    """Save and restore :class:`~flaxlora.train.TrainState` plus JSON metadata with orbax."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3, read_only: bool = False):
+        self.directory = os.path.abspath(os.fspath(directory))
+        if read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"no checkpoint directory at {self.directory}")
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("trainable", "train", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, state: TrainState, meta: dict[str, Any]) -> None:
+        """Save ``state`` at its step with ``meta`` (JSON-serialisable); blocks until written."""
+        step = int(jax.device_get(state.step))
+        train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                trainable=ocp.args.StandardSave(state.trainable),
+                train=ocp.args.StandardSave(train),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def _step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint{'' if step is None else f' for step {step}'} in {self.directory} "
+                f"(steps found: {self.all_steps()})"
+            )
+        return step
+
+    def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
+        """Restore the state at ``step`` (default: latest) into the structure, shapes and shardings of
+        ``target`` (a freshly initialised state, or its ``jax.eval_shape``), plus its metadata."""
+        step = self._step(step)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        train = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                trainable=ocp.args.StandardRestore(abstract.trainable),
+                train=ocp.args.StandardRestore(train),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        t = restored["train"]
+        state = TrainState(step=t["step"], trainable=restored["trainable"], opt_state=t["opt_state"], rng=t["rng"])
+        return state, dict(restored["meta"])
+
+    def restore_for_inference(self, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
+        """``(trainable, meta)`` at ``step`` (default: latest), without the optimizer state."""
+        step = self._step(step)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        )
+        return restored["trainable"], dict(restored["meta"])
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        step = self._step(step)
+        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

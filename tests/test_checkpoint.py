@@ -1,0 +1,66 @@
+import os
+
+import jax
+import numpy as np
+import pytest
+from toy_models import ToyClassifier, toy_batches
+
+import flaxlora
+from flaxlora import train
+from flaxlora.checkpoint import Checkpointer
+
+CONFIG = flaxlora.LoraConfig(rank=4, alpha=8.0, targets=r"(query|value)/kernel$", trainable=r"^head/", dropout=0.1)
+
+
+def setup():
+    model = ToyClassifier(dropout=0.2)
+    batches = toy_batches(8, seed=11)
+    params = model.init(jax.random.key(0), batches[0]["input_ids"], batches[0]["attention_mask"])["params"]
+    tx = flaxlora.lora_optimizer(train.learning_rate_schedule(1e-2, 8, 2), loraplus_ratio=4.0)
+    state, frozen = train.init_train_state(params, CONFIG, tx, jax.random.key(1))
+    step = jax.jit(lambda s, f, b: train.train_step(s, f, b, apply=train.logits_fn(model, CONFIG, "factored"), tx=tx))
+    return state, frozen, step, batches
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    state, frozen, step, batches = setup()
+    fresh = state
+    with Checkpointer(tmp_path / "ckpt", max_to_keep=2) as ckpt:
+        for i, batch in enumerate(batches):
+            state, _ = step(state, frozen, batch)
+            if i + 1 in (2, 3, 5):
+                ckpt.save(state, {"data": {"position": i + 1}})
+        assert ckpt.all_steps() == [3, 5]  # keeps the last two
+    # A new process restores step 5 and replays the remaining batches.
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        resumed, meta = ckpt.restore(fresh)
+    assert meta == {"data": {"position": 5}} and int(resumed.step) == 5
+    for batch in batches[meta["data"]["position"]:]:
+        resumed, _ = step(resumed, frozen, batch)
+    for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_inference_restore_needs_no_optimizer(tmp_path):
+    state, frozen, step, batches = setup()
+    state, _ = step(state, frozen, batches[0])
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(state, {"lora_config": CONFIG.to_dict()})
+    trainable, meta = Checkpointer(tmp_path, read_only=True).restore_for_inference()
+    assert flaxlora.LoraConfig(**meta["lora_config"]) == CONFIG
+    for x, y in zip(jax.tree.leaves(trainable), jax.tree.leaves(state.trainable)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_missing_checkpoints_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        Checkpointer(tmp_path / "nowhere", read_only=True)
+    with Checkpointer(tmp_path / "empty") as ckpt:
+        with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+            ckpt.read_meta()
+    state, frozen, step, batches = setup()
+    with Checkpointer(tmp_path / "one") as ckpt:
+        ckpt.save(state, {})
+        with pytest.raises(FileNotFoundError, match=r"step 7 .*steps found: \[0\]"):
+            ckpt.restore(state, step=7)
+    assert os.listdir(tmp_path / "one") == ["0"]
