@@ -46,7 +46,8 @@ class LoraConfig:
       alpha: scaling numerator: the update is ``(alpha / r) * a @ b`` (``alpha / sqrt(r)`` with
         ``scaling="rslora"``, Kalajdzievski 2023).
       targets: regex searched (``re.search``) in the '/'-joined path of every leaf with >= 2 axes
-        (see :func:`flaxlora.lora_candidates`), like PEFT's ``target_modules``.
+        (see :func:`flaxlora.lora_candidates`), like PEFT's ``target_modules``; None for no
+        adapters at all (full or head-only fine-tuning through ``trainable``).
       rank_pattern / alpha_pattern: ``{regex: value}`` overrides of rank / alpha per target; the
         first regex found in a target's path wins.
       dropout: dropout on the adapter's input (factored path only, see :func:`flaxlora.lora_interceptor`).
@@ -69,7 +70,7 @@ class LoraConfig:
 
     rank: int = 8
     alpha: float = 16.0
-    targets: str = r"(query|value|q_proj|v_proj)/kernel$"
+    targets: str | None = r"(query|value|q_proj|v_proj)/kernel$"
     rank_pattern: Mapping[str, int] | Patterns = ()
     alpha_pattern: Mapping[str, float] | Patterns = ()
     dropout: float = 0.0
@@ -99,9 +100,13 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.rank must be an integer >= 1, got {self.rank!r}")
         if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
-        if not isinstance(self.targets, str) or not self.targets:
-            raise ValueError("LoraConfig.targets must be a non-empty regex string")
-        _check_regex("targets", self.targets)
+        if self.targets is None:
+            if self.trainable is None:
+                raise ValueError("LoraConfig with targets=None trains nothing: set `trainable` too")
+        elif not isinstance(self.targets, str) or not self.targets:
+            raise ValueError("LoraConfig.targets must be a non-empty regex string or None")
+        else:
+            _check_regex("targets", self.targets)
         if self.trainable is not None:
             _check_regex("trainable", self.trainable)
         if not 0.0 <= self.dropout < 1.0:

@@ -49,9 +49,12 @@ def resolve_targets(params: PyTree, config: LoraConfig) -> dict[str, Target]:
     Raises ValueError naming the problem when a pattern matches nothing, a kernel has too few axes
     for its layout, a rank exceeds min(fan_in, fan_out), or a leaf is both adapted and trainable.
     """
-    candidates = paths.lora_candidates(params)
+    if config.targets is None:
+        if config.rank_pattern or config.alpha_pattern:
+            raise ValueError("LoraConfig.rank_pattern / alpha_pattern given but targets is None")
+        return {}
     targets: dict[str, Target] = {}
-    for path, shape in candidates:
+    for path, shape in paths.lora_candidates(params):
         if not re.search(config.targets, path):
             continue
         n_stack = first_match(config.stack_axes, path, 0)

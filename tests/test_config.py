@@ -56,3 +56,15 @@ def test_rank_pattern_overrides_per_target():
     assert lora["ffn"]["kernel"]["a"].shape == (16, 2)
     assert lora["query"]["kernel"]["a"].shape == (16, 4)
     assert config.scale_for("ffn/kernel") == 0.5
+
+
+def test_no_targets_means_extras_only():
+    model, params, x = toy_setup()
+    with pytest.raises(ValueError, match="trains nothing"):
+        flaxlora.LoraConfig(targets=None)
+    config = flaxlora.LoraConfig(targets=None, trainable=".*")
+    assert flaxlora.init_lora(params, config, jax.random.key(0)) == {}
+    extras = flaxlora.trainable_params(params, config)
+    assert sum(x.size for x in jax.tree.leaves(extras)) == sum(x.size for x in jax.tree.leaves(params))
+    merged = flaxlora.merge(params, {}, config, extras)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), merged, params))
