@@ -2,7 +2,10 @@
 
 from flaxlora.config import LoraConfig
 from flaxlora.factored import apply_factored, lora_interceptor
+from flaxlora.data import TrainIterator, default_buckets, encode_pairs, eval_batches, load_qqp
+from flaxlora.evaluate import evaluate
 from flaxlora.lora import apply_lora, extract_lora, init_adapter, init_lora, merge, trainable_params, unmerge
+from flaxlora.metrics import confusion_counts, metrics_from_counts
 from flaxlora.optim import adapter_labels, freeze_labels, lora_optimizer, trainable_mask
 from flaxlora.paths import lora_candidates
 from flaxlora.summary import ParamSummary, summarize
@@ -10,21 +13,39 @@ from flaxlora.targets import resolve_targets, trainable_paths
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The inference entry point pulls in models, tokenizers and orbax: import it on first use.
+    if name == "restore":
+        from flaxlora.predict import restore
+
+        return restore
+    raise AttributeError(f"module 'flaxlora' has no attribute {name!r}")
+
 __all__ = [
     "LoraConfig",
     "ParamSummary",
+    "TrainIterator",
     "adapter_labels",
     "apply_factored",
     "apply_lora",
+    "confusion_counts",
+    "default_buckets",
+    "encode_pairs",
+    "eval_batches",
+    "evaluate",
     "extract_lora",
     "freeze_labels",
     "init_adapter",
     "init_lora",
     "lora_candidates",
     "lora_interceptor",
+    "load_qqp",
     "lora_optimizer",
     "merge",
+    "metrics_from_counts",
     "resolve_targets",
+    "restore",
     "summarize",
     "trainable_mask",
     "trainable_params",
