@@ -1,0 +1,140 @@
+"""llama.cpp GGUF files: dequantised Llama weights under Hugging Face names, the config and the
+byte-level BPE tokenizer rebuilt from the file's metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# llama.cpp pre-tokenizer names -> how text is split before byte-level BPE.
+_PRE_TOKENIZERS = {
+    "smollm": lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ]),
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def hf_name(name: str) -> str:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; unknown names unchanged."""
+    base, leaf = name.rsplit(".", 1)
+    if base.startswith("blk."):
+        _, layer, part = base.split(".", 2)
+        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{leaf}" if part in _LAYER_NAMES else name
+    return f"{_TOP_NAMES[base]}.{leaf}" if base in _TOP_NAMES else name
+
+
+def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k row order (per head, the rows of the two halves of head_dim are
+    interleaved for its pairwise RoPE) into the rotate-half order of Hugging Face Llama."""
+    out_features = w.shape[0]
+    return (w.reshape(num_heads, out_features // num_heads // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+class GGUFFile:
+    """A GGUF file of a Llama-architecture model."""
+
+    def __init__(self, path: str | Path):
+        from gguf import GGUFReader  # optional dependency: flaxlora[gguf]
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"No GGUF file at {self.path}.")
+        self.reader = GGUFReader(self.path)
+
+    def field(self, key: str, default: Any = None) -> Any:
+        f = self.reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    def config(self) -> dict[str, Any]:
+        """A Hugging Face style config dict from the metadata."""
+        arch = self.field("general.architecture")
+        if arch != "llama":
+            raise ValueError(f"Unsupported architecture in {self.path}: general.architecture={arch!r}. "
+                             "Supported GGUF architectures: llama.")
+        names = {t.name for t in self.reader.tensors}
+        if "rope_freqs.weight" in names:
+            raise ValueError(f"{self.path} uses Llama 3 RoPE scaling (rope_freqs), which is not read "
+                             "from GGUF; load the Hugging Face folder instead.")
+        heads = self.field("llama.attention.head_count")
+        return {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": self.field("llama.vocab_size") or len(self.field("tokenizer.ggml.tokens")),
+            "hidden_size": self.field("llama.embedding_length"),
+            "intermediate_size": self.field("llama.feed_forward_length"),
+            "num_hidden_layers": self.field("llama.block_count"),
+            "num_attention_heads": heads,
+            "num_key_value_heads": self.field("llama.attention.head_count_kv", heads),
+            "head_dim": self.field("llama.attention.key_length"),
+            "max_position_embeddings": self.field("llama.context_length"),
+            "rms_norm_eps": self.field("llama.attention.layer_norm_rms_epsilon"),
+            "rope_theta": self.field("llama.rope.freq_base", 10000.0),
+            "tie_word_embeddings": "output.weight" not in names,
+            "pad_token_id": self.field("tokenizer.ggml.padding_token_id"),
+        }
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(HF name, float32 array in HF (out, in) layout), dequantised one at a time."""
+        from gguf.quants import dequantize
+
+        cfg = self.config()
+        heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+        for t in self.reader.tensors:
+            name = hf_name(t.name)
+            w = dequantize(t.data, t.tensor_type)
+            w = np.asarray(w, np.float32).reshape([int(n) for n in reversed(t.shape)])
+            projection = name.rsplit(".", 2)[-2]
+            if projection in heads:
+                w = unpermute_rows(w, heads[projection])
+            yield name, w
+
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        """The byte-level BPE tokenizer described by the `tokenizer.ggml.*` metadata."""
+        kind, pre = self.field("tokenizer.ggml.model"), self.field("tokenizer.ggml.pre", "gpt2")
+        if kind != "gpt2" or pre not in _PRE_TOKENIZERS:
+            raise ValueError(f"Unsupported GGUF tokenizer in {self.path}: model={kind!r}, pre={pre!r}. "
+                             f"Supported: model 'gpt2' (byte-level BPE) with pre {sorted(_PRE_TOKENIZERS)}.")
+        tokens = self.field("tokenizer.ggml.tokens")
+        merges = [tuple(m.split(" ")) for m in self.field("tokenizer.ggml.merges")]
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        tok.pre_tokenizer = _PRE_TOKENIZERS[pre]()
+        tok.decoder = decoders.ByteLevel()
+        types = self.field("tokenizer.ggml.token_type", [])
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(tokens, types) if k == _CONTROL])
+        tok.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
+
+        def special(key: str) -> str | None:
+            index = self.field(f"tokenizer.ggml.{key}_token_id")
+            return None if index is None else tokens[index]
+
+        bos, eos = special("bos"), special("eos")
+        if self.field("tokenizer.ggml.add_bos_token", False) and bos is not None:
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+                special_tokens=[(bos, tokens.index(bos))])
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=special("unknown"),
+            pad_token=special("padding") or eos, padding_side="right",
+            model_input_names=["input_ids", "attention_mask"])

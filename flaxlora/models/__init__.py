@@ -1,0 +1,39 @@
+"""Flax (linen) transformer backbones with Hugging Face parameter names.
+
+Params paths mirror the PyTorch module names with '/' for '.', e.g.
+`bert/encoder/layer/0/attention/self/query/kernel` or `model/layers/0/self_attn/q_proj/kernel`;
+dense kernels are (in, out), norms have `scale` (and `bias`), embeddings `embedding`.
+
+    model = sequence_classifier(config)
+    params = init_params(model, jax.random.key(0))           # plain arrays
+    logits = model.apply({"params": params}, input_ids, attention_mask)
+    hidden = model.apply({"params": params}, input_ids, attention_mask, method="hidden_states")
+"""
+
+from flaxlora.models.auto import config_from_hf, model_kind, sequence_classifier
+from flaxlora.models.bert import (
+    BertForSequenceClassification,
+    BertModel,
+    RobertaForSequenceClassification,
+)
+from flaxlora.models.config import BertConfig, LlamaConfig, RopeScaling
+from flaxlora.models.llama import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+from flaxlora.models.partitioning import LOGICAL_AXIS_RULES, init_params, logical_partition_specs
+
+__all__ = [
+    "LOGICAL_AXIS_RULES",
+    "BertConfig",
+    "BertForSequenceClassification",
+    "BertModel",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "LlamaForSequenceClassification",
+    "LlamaModel",
+    "RobertaForSequenceClassification",
+    "RopeScaling",
+    "config_from_hf",
+    "init_params",
+    "logical_partition_specs",
+    "model_kind",
+    "sequence_classifier",
+]

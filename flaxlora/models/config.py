@@ -1,0 +1,119 @@
+"""Architecture configs, built from Hugging Face `config.json` dictionaries.
+
+Field names follow Hugging Face so that `from_hf(json.load(...))` needs no renaming table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+_C = TypeVar("_C")
+
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta")
+DECODER_TYPES = ("llama",)
+
+
+def _known_fields(cls: type[_C], hf: Mapping[str, Any], overrides: Mapping[str, Any]) -> _C:
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
+    return cls(**(kwargs | dict(overrides)))
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """BERT-family encoder (BERT, MiniLM; RoBERTa when `model_type` is a RoBERTa type)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    num_labels: int = 2
+    model_type: str = "bert"
+
+    @property
+    def is_roberta(self) -> bool:
+        """RoBERTa: positions start after `pad_token_id`, no pooler, two-layer head."""
+        return self.model_type != "bert"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> BertConfig:
+        return _known_fields(cls, hf, overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 RoPE frequency scaling (`rope_type: llama3`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Llama-family decoder (Llama 2/3, SmolLM2)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    pad_token_id: int | None = None
+    num_labels: int = 2
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
+        """Reads both the transformers 4 (`rope_theta`, `rope_scaling`) and 5
+        (`rope_parameters`) spellings of the RoPE settings."""
+        rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"Unsupported RoPE type {rope_type!r}; supported: 'default', 'llama3'.")
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(
+                factor=rope["factor"],
+                low_freq_factor=rope["low_freq_factor"],
+                high_freq_factor=rope["high_freq_factor"],
+                original_max_position_embeddings=rope["original_max_position_embeddings"],
+            )
+        rope_fields = {"rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                       "rope_scaling": scaling}
+        hf = {k: v for k, v in hf.items() if k not in ("rope_scaling", "rope_theta")}
+        return _known_fields(cls, hf, rope_fields | overrides)

@@ -1,0 +1,139 @@
+"""Building blocks shared by the encoder and decoder backbones.
+
+Every parameter is created with `nn.with_logical_partitioning`, so `model.init` returns boxed
+`nn.LogicallyPartitioned` leaves; see `flaxlora.models.partitioning` for unboxing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+ACTIVATIONS: Mapping[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form.
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """The activation function called `name` in a Hugging Face config."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unsupported hidden_act {name!r}; supported: {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+class Block(nn.Module):
+    """A model part configured by `config`, computing in `dtype` and storing `param_dtype`.
+
+    The factory methods create the standard Flax layers (so interceptors on e.g. `nn.Dense`
+    see every projection) with Hugging Face initialisers and logical axis names.
+    """
+
+    config: Any
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _init(self, init: nn.initializers.Initializer, axes: tuple[str, ...]):
+        return nn.with_logical_partitioning(init, axes)
+
+    def dense(
+        self, features: int, axes: tuple[str, str], *, use_bias: bool = True, name: str | None = None
+    ) -> nn.Dense:
+        """`nn.Dense` with kernel (in, out) named `axes`, N(0, initializer_range) init."""
+        return nn.Dense(
+            features,
+            use_bias=use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self._init(nn.initializers.normal(self.config.initializer_range), axes),
+            bias_init=self._init(nn.initializers.zeros_init(), axes[1:]),
+            **({"name": name} if name else {}),
+        )
+
+    def embed(self, num: int, axes: tuple[str, str], *, name: str | None = None) -> nn.Embed:
+        """`nn.Embed` of `num` rows of width hidden_size, table named `axes`."""
+        return nn.Embed(
+            num,
+            self.config.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=self._init(nn.initializers.normal(self.config.initializer_range), axes),
+            **({"name": name} if name else {}),
+        )
+
+    def layer_norm(self, epsilon: float, *, name: str | None = None) -> nn.LayerNorm:
+        return nn.LayerNorm(
+            epsilon=epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            scale_init=self._init(nn.initializers.ones_init(), ("norm",)),
+            bias_init=self._init(nn.initializers.zeros_init(), ("norm",)),
+            **({"name": name} if name else {}),
+        )
+
+    def rms_norm(self, epsilon: float, *, name: str | None = None) -> nn.RMSNorm:
+        return nn.RMSNorm(
+            epsilon=epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            scale_init=self._init(nn.initializers.ones_init(), ("norm",)),
+            **({"name": name} if name else {}),
+        )
+
+
+class Stack(Block):
+    """`config.num_hidden_layers` copies of `layer`, applied in turn, named '0', '1', ...
+
+    Mirrors Hugging Face's `nn.ModuleList` naming (`encoder.layer.3`, `model.layers.3`).
+    """
+
+    layer: type[Block] = dataclasses.field(kw_only=True)
+
+    @nn.compact
+    def __call__(self, x: Array, *args: Any) -> Array:
+        for i in range(self.config.num_hidden_layers):
+            x = self.layer(self.config, self.dtype, self.param_dtype, name=str(i))(x, *args)
+        return x
+
+
+def attention_weights(q: Array, k: Array, mask: Array) -> Array:
+    """Softmax attention probabilities, with grouped-query support.
+
+    Args:
+      q: (batch, q_len, heads, head_dim) queries, already scaled.
+      k: (batch, kv_len, kv_heads, head_dim) keys; heads must be a multiple of kv_heads.
+      mask: (batch, q_len or 1, kv_len) bool, True where attending is allowed.
+
+    Returns:
+      (batch, kv_heads, heads // kv_heads, q_len, kv_len) probabilities in q's dtype. A row
+      with no allowed key (a left-padding query) gets uniform weights instead of NaN.
+    """
+    b, s, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, s, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+
+
+def attention_output(probs: Array, v: Array) -> Array:
+    """Weighted values: probs (batch, kv_heads, groups, q_len, kv_len) and v (batch, kv_len,
+    kv_heads, head_dim) -> (batch, q_len, kv_heads * groups * head_dim), heads in HF order."""
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(*out.shape[:2], -1)
+
+
+def split_heads(x: Array, head_dim: int) -> Array:
+    """(batch, len, heads * head_dim) -> (batch, len, heads, head_dim)."""
+    return x.reshape(*x.shape[:2], -1, head_dim)
