@@ -1,13 +1,13 @@
 """Shared fixtures: the two offline pretrained models (loaded once per session) and QQP pairs."""
 
 import csv
-import os
+import importlib.resources
 
 import pytest
 
 from flaxlora.loading import load_pretrained
 
-QQP_SAMPLE = os.environ.get("FLAXLORA_QQP_SAMPLE", "/work/shared/data/qqp/glue_train_sample_a.tsv")
+QQP_SAMPLE = importlib.resources.files("flaxlora.data") / "qqp_sample" / "glue_train_sample_a.tsv"
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +23,6 @@ def smollm2():
 @pytest.fixture(scope="session")
 def qqp_pairs() -> list[tuple[str, str]]:
     """The first 100 (question1, question2) pairs of the GLUE QQP train sample."""
-    with open(QQP_SAMPLE, newline="", encoding="utf-8") as f:
+    with QQP_SAMPLE.open(newline="", encoding="utf-8") as f:
         rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         return [(r["question1"], r["question2"]) for r, _ in zip(rows, range(100))]

@@ -210,7 +210,7 @@ def test_smollm2(smollm2):
 
 
 def test_smollm2_continues_a_prompt(smollm2):
-    """A no-torch check of the dequantised weights and the q/k row order."""
+    """A no-torch sanity check of the dequantised weights (test_parity_torch is the exact one)."""
     lm = LlamaForCausalLM(smollm2.config)
     step = jax.jit(lambda params, ids, mask: lm.apply({"params": params}, ids, mask))
     prompt = smollm2.tokenizer("The capital of France is")["input_ids"]
