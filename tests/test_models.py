@@ -1,5 +1,6 @@
 """Model structure, masking, dropout and sharding annotations on small random configs."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -243,5 +244,7 @@ def test_config_from_hf_reads_both_rope_spellings():
 def test_config_from_hf_rejects_unknown_architectures():
     with pytest.raises(ValueError, match=r"model_type='gpt2'.*GPT2LMHeadModel.*bert, roberta.*llama"):
         config_from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(ValueError, match="position_embedding_type 'relative_key'"):
+        config_from_hf({**dataclasses.asdict(tiny_bert()), "position_embedding_type": "relative_key"})
     with pytest.raises(ValueError, match="hidden_act 'swish2'"):
         init_params(sequence_classifier(tiny_bert(hidden_act="swish2")), jax.random.key(0))

@@ -53,6 +53,9 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> BertConfig:
+        positions = hf.get("position_embedding_type", "absolute")
+        if positions != "absolute":
+            raise ValueError(f"Unsupported position_embedding_type {positions!r}; supported: 'absolute'.")
         return _known_fields(cls, hf, overrides)
 
 
