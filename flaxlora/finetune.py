@@ -1,0 +1,264 @@
+"""Fine-tune a pretrained classifier on QQP with LoRA: the loop behind ``experiments/qqp.py``.
+
+``finetune(run_config, output_dir)`` loads data and model, trains with a jitted sharded step,
+logs, checkpoints, evaluates and writes ``output_dir``:
+
+    results.json     final metrics of the held-out split (accuracy, f1, mcc, loss) and per split
+    metrics.jsonl    one JSON object per logged train step; evaluations carry "split"
+    tb/              TensorBoard events
+    curves.png       training loss and evaluation accuracy / MCC
+    checkpoints/     orbax checkpoints, one folder per step (see flaxlora.checkpoint)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlora import sharding, train
+from flaxlora.checkpoint import Checkpointer
+from flaxlora.data.batching import TrainIterator, default_buckets, eval_batches
+from flaxlora.data.qqp import load_qqp
+from flaxlora.data.tokenize import encode_pairs
+from flaxlora.evaluate import evaluate, make_eval_step
+from flaxlora.loading import load_pretrained
+from flaxlora.lora import merge
+from flaxlora.models import LOGICAL_AXIS_RULES, logical_partition_specs
+from flaxlora.optim import lora_optimizer
+from flaxlora.presets import RunConfig
+from flaxlora.summary import summarize
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Fields that may change when resuming (the budget and logging), all others must match.
+RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints", "cache_dir")
+
+
+def pair_format(kind: str) -> str:
+    return "template" if kind == "encoder" else "prompt"
+
+
+def encode_split(split, pretrained, run: RunConfig):
+    return encode_pairs(
+        pretrained.tokenizer, split.question1, split.question2, run.max_length, labels=split.labels,
+        pair_format=pair_format(pretrained.kind), cache_dir=run.cache_dir,
+    )
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard; on resume, records after the restored step are dropped."""
+
+    def __init__(self, output_dir: Path, resume_step: int | None):
+        self.path = output_dir / "metrics.jsonl"
+        records = []
+        if resume_step is not None and self.path.exists():
+            records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        self.records = records
+        self._tb = None
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(output_dir / "tb"))
+        except ImportError:  # TensorBoard is optional; metrics.jsonl is always written.
+            log.info("tensorboardX not installed: no TensorBoard events")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            prefix = record.get("split", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "split"):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
+    """PNG of the training loss and the evaluation accuracy / MCC against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    trained = [r for r in records if "split" not in r]
+    left.plot([r["step"] for r in trained], [r["loss"] for r in trained], label="train loss")
+    for split, style in (("eval", "o-"), ("test", "s--")):
+        evals = [r for r in records if r.get("split") == split]
+        if evals:
+            left.plot([r["step"] for r in evals], [r["loss"] for r in evals], style, label=f"{split} loss")
+            for metric in ("accuracy", "mcc"):
+                right.plot([r["step"] for r in evals], [r[metric] for r in evals], style, label=f"{split} {metric}")
+    left.set_xlabel("step"), left.legend(), right.set_xlabel("step"), right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _check_resumable(saved: dict[str, Any], run: RunConfig) -> None:
+    now = run.to_dict()
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {now[k]!r}" for k in changed)
+        raise ValueError(f"--resume with a different run configuration ({detail}); use a new --output-dir")
+
+
+def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate; returns (and writes to results.json) the final metrics."""
+    started = time.perf_counter()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(out / "checkpoints", max_to_keep=run.keep_checkpoints)
+    resume_step = ckpt.latest_step() if resume else None
+    if not resume and ckpt.latest_step() is not None:
+        raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints: pass --resume or use a new --output-dir")
+    if resume_step is not None:
+        _check_resumable(ckpt.read_meta(resume_step)["run"], run)
+
+    data = load_qqp(run.data_dir, from_hub=run.from_hub)
+    log.info("%s\n%s", data.source, data.report.summary())
+    pretrained = load_pretrained(run.model, num_labels=2, dtype=DTYPES[run.dtype], seed=run.seed)
+    buckets = run.buckets or default_buckets(run.max_length)
+    encoded = {name: encode_split(data[name], pretrained, run) for name in data.splits if data[name].has_labels}
+
+    mesh = sharding.make_mesh(run.mesh)
+    steps_per_epoch = math.ceil(len(encoded["train"]) / run.batch_size)
+    total_steps = run.max_steps or max(1, round(run.epochs * steps_per_epoch))
+    schedule = train.learning_rate_schedule(run.learning_rate, total_steps, round(run.warmup_ratio * total_steps), run.decay)
+    tx = lora_optimizer(schedule, loraplus_ratio=run.loraplus_ratio, weight_decay=run.weight_decay,
+                        max_grad_norm=run.max_grad_norm)
+    state, frozen = train.init_train_state(pretrained.params, run.lora, tx, jax.random.key(run.seed))
+    frozen_shardings = sharding.logical_shardings(frozen, logical_partition_specs(pretrained.model), mesh, LOGICAL_AXIS_RULES)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    apply = train.logits_fn(pretrained.model, run.lora, run.lora_path)
+    step_fn, state_shardings = train.jit_train_step(
+        apply, tx, mesh, state, frozen_shardings,
+        train.StepOptions(accum_steps=run.accum_steps, label_smoothing=run.label_smoothing),
+    )
+    iterator = TrainIterator(encoded["train"], run.batch_size, buckets, seed=run.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    if resume_step is not None:
+        state, meta = ckpt.restore(state, resume_step)
+        iterator.restore(meta["data"])
+    state = jax.device_put(state, state_shardings)
+    summary = summarize(frozen, state.trainable["lora"], run.lora, state.trainable["extras"])
+    log.info("\n%s", summary)
+
+    run_log = RunLog(out, resume_step)
+    merge_fn = jax.jit(lambda f, t: merge(f, t["lora"], run.lora, t["extras"]), out_shardings=frozen_shardings)
+    eval_step = make_eval_step(pretrained.model, mesh, frozen_shardings)
+
+    def run_eval(split: str, record_as: str) -> dict[str, Any]:
+        batches = eval_batches(encoded[split], run.eval_batch_size, buckets,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+        result = evaluate(pretrained.model, merge_fn(frozen, state.trainable), batches, mesh, frozen_shardings, eval_step)
+        run_log.write({"step": int(state.step), "split": record_as, **result})
+        return result
+
+    def save() -> None:
+        ckpt.save(state, {"run": run.to_dict(), "data": iterator.state, "model_kind": pretrained.kind})
+
+    start = int(state.step)
+    bar = _progress(progress, start, total_steps)
+    window_tokens, window_examples, window_start = 0, 0, time.perf_counter()
+    train_seconds = 0.0
+    for step in range(start + 1, total_steps + 1):
+        batch = next(iterator)
+        window_tokens += int(batch["attention_mask"].sum())
+        window_examples += int(batch["weights"].sum())
+        state, metrics = step_fn(state, frozen, sharding.global_batch(batch, mesh))
+        if step % run.log_every == 0 or step == total_steps:
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - window_start
+            train_seconds += elapsed
+            record = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                      "lr": float(schedule(step - 1)), "tokens_per_s": window_tokens / elapsed,
+                      "examples_per_s": window_examples / elapsed, "epoch": step / steps_per_epoch}
+            run_log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window_tokens, window_examples, window_start = 0, 0, time.perf_counter()
+        bar.update(1)
+        if run.eval_every and step % run.eval_every == 0 and step != total_steps:
+            run_eval("validation", "eval")
+            window_start = time.perf_counter()
+        if run.save_every and step % run.save_every == 0:
+            save()
+            window_start = time.perf_counter()
+    bar.close()
+    if ckpt.latest_step() != int(state.step):
+        save()
+
+    per_split = {"validation": run_eval("validation", "eval")}
+    if "test" in encoded:
+        per_split["test"] = run_eval("test", "test")
+    held_out = "test" if "test" in per_split else "validation"
+    results = {
+        **{k: per_split[held_out][k] for k in ("accuracy", "f1", "mcc", "loss")},
+        "held_out_split": held_out,
+        "splits": per_split,
+        "model": run.model,
+        "data": data.source,
+        "data_report": {"rows_read": data.report.rows_read, "malformed": dict(data.report.malformed),
+                        "duplicates_dropped": data.report.duplicates_dropped},
+        "examples": {name: len(e) for name, e in encoded.items()},
+        "positive_rate": {name: data[name].positive_rate for name in encoded},
+        "steps": total_steps,
+        "trainable_params": summary.trainable,
+        "total_params": summary.total,
+        "trainable_percent": 100 * summary.trainable_fraction,
+        "train_tokens_per_s": _mean_throughput(run_log.records),
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "seed": run.seed,
+        "run": run.to_dict(),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_curves(run_log.records, out / "curves.png")
+    run_log.close()
+    ckpt.close()
+    return results
+
+
+def _mean_throughput(records: list[dict[str, Any]]) -> float | None:
+    """Mean train tokens/s over logged windows, skipping the first (it includes compilation)."""
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
+    return float(np.mean(rates)) if rates else None
+
+
+def _progress(enabled: bool, start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled or jax.process_index() != 0, unit="step",
+                dynamic_ncols=True)
+
+
+def one_screen_summary(results: dict[str, Any], output_dir: str | os.PathLike) -> str:
+    """The run in a few lines: model, data, budget, parameters, metrics per split, outputs."""
+    lines = [
+        f"model      {results['model']}   ({results['devices']}, seed {results['seed']})",
+        f"data       {results['data']}",
+        f"examples   " + ", ".join(f"{k} {v:,} ({100 * results['positive_rate'][k]:.1f}% dup)" for k, v in results["examples"].items()),
+        f"trained    {results['steps']} steps, {results['trainable_params']:,} of {results['total_params']:,} "
+        f"params ({results['trainable_percent']:.2f}%)",
+        f"speed      {results['train_tokens_per_s'] or float('nan'):,.0f} tokens/s; wall {results['wall_seconds']:.0f} s",
+    ]
+    for split, m in results["splits"].items():
+        lines.append(f"{split:<10} accuracy {m['accuracy']:.4f}  F1 {m['f1']:.4f}  MCC {m['mcc']:.4f}  "
+                     f"loss {m['loss']:.4f}  (n={m['n']:,})")
+    lines.append(f"outputs    {os.fspath(output_dir)}/results.json, metrics.jsonl, curves.png, tb/, checkpoints/")
+    return "\n".join(lines)

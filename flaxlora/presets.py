@@ -1,0 +1,85 @@
+"""Run configurations as code: the defaults of ``experiments/qqp.py`` and its presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flaxlora.config import LoraConfig
+
+# Hu et al.'s LoRA: query and value projections, r = 8, alpha = 16 (BERT and Llama names).
+PLAIN_LORA = LoraConfig(rank=8, alpha=16.0, targets=r"(query|value|q_proj|v_proj)/kernel$", trainable=r"^(classifier|score)/")
+# The classification head of each family: BERT's pooler + classifier, RoBERTa's classifier, Llama's score.
+HEAD = r"^(bert/pooler|roberta/pooler|classifier|score)/"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a fine-tuning run (saved with every checkpoint).
+
+    Attributes are grouped as: model and data; adaptation (``lora``); optimisation; schedule and
+    budget; logging, evaluation and checkpoints; hardware.
+    """
+
+    model: str = "minilm-l6"
+    data_dir: str | None = None
+    from_hub: bool = False
+    max_length: int = 128
+    buckets: tuple[int, ...] | None = None  # None: flaxlora.data.batching.default_buckets(max_length)
+
+    lora: LoraConfig = PLAIN_LORA
+
+    learning_rate: float = 5e-4
+    loraplus_ratio: float = 1.0
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    label_smoothing: float = 0.0
+    warmup_ratio: float = 0.06
+    decay: str = "linear"
+
+    batch_size: int = 32
+    accum_steps: int = 1
+    epochs: float = 2.0
+    max_steps: int | None = None  # overrides epochs when set
+
+    seed: int = 0
+    log_every: int = 20
+    eval_every: int = 0  # 0: evaluate at the end only
+    save_every: int = 200
+    keep_checkpoints: int = 3
+    eval_batch_size: int = 64
+
+    mesh: str | None = None  # e.g. "data=4,fsdp=2"; None: all devices on data
+    dtype: str = "float32"  # compute dtype; LoRA params and optimizer state stay float32
+    lora_path: str = "merged"  # "merged" or "factored" (needed for LoRA dropout)
+    cache_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lora"] = self.lora.to_dict()
+        d["buckets"] = list(self.buckets) if self.buckets else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        d = dict(d)
+        d["lora"] = LoraConfig(**d["lora"])
+        d["buckets"] = tuple(d["buckets"]) if d.get("buckets") else None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown run config fields {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, RunConfig] = {
+    # Plain LoRA as in Hu et al. (q, v; r=8, alpha=16), with the classification head trained.
+    "lora": RunConfig(),
+    # Full fine-tuning: every parameter trained, no adapters.
+    "full": RunConfig(lora=LoraConfig(targets=None, trainable=".*"), learning_rate=5e-5),
+    # Only the classification head trained.
+    "head": RunConfig(lora=LoraConfig(targets=None, trainable=HEAD), learning_rate=1e-3),
+}

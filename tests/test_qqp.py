@@ -1,0 +1,146 @@
+"""End to end: experiments/qqp.py on real MiniLM and real QQP rows, kill -9 + resume, restore."""
+
+import csv
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import flaxlora
+from flaxlora.checkpoint import Checkpointer
+from flaxlora.data.qqp import load_qqp
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "flaxlora" / "data" / "qqp_sample" / "glue_train_sample_a.tsv"
+SCRIPT = ROOT / "experiments" / "qqp.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("qqp_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """300 real QQP rows in one GLUE-format TSV (hash-split 80/10/10 by the loader)."""
+    folder = tmp_path_factory.mktemp("qqp")
+    lines = SAMPLE.read_text(encoding="utf-8").splitlines()[:301]
+    (folder / "qqp_rows.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def flags(data_dir, out, *extra):
+    return ["--data-dir", str(data_dir), "--output-dir", str(out), "--max-steps", "8", "--save-every", "2",
+            "--log-every", "2", "--batch-size", "16", "--max-length", "64", "--buckets", "64",
+            "--eval-batch-size", "16", "--seed", "3", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    results = load_script().main(flags(data_dir, out))
+    return out, results
+
+
+def test_run_writes_every_output(finished_run):
+    out, results = finished_run
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["held_out_split"] == "test"
+    for key in ("accuracy", "f1", "mcc", "loss"):
+        assert saved[key] == results[key] == saved["splits"]["test"][key]
+    assert 0 < saved["trainable_percent"] < 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "split" not in r]
+    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)
+    assert {r["split"] for r in records if "split" in r} == {"eval", "test"}
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [4, 6, 8]  # keep 3
+    assert (out / "curves.png").stat().st_size > 1000
+    assert any((out / "tb").iterdir())
+
+
+def test_kill_9_then_resume_is_bitwise_exact(data_dir, finished_run, tmp_path):
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *flags(data_dir, out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "4").is_dir():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint at step 4 within 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with Checkpointer(out / "checkpoints", read_only=True) as ckpt:
+        killed_at = ckpt.latest_step()
+    assert killed_at < 8, "the run finished before the kill"
+    load_script().main(flags(data_dir, out, "--resume"))
+    with Checkpointer(finished_run[0] / "checkpoints", read_only=True) as a, Checkpointer(out / "checkpoints", read_only=True) as b:
+        (ta, _), (tb, _) = a.restore_for_inference(8), b.restore_for_inference(8)
+    flat_a, flat_b = flaxlora.paths.flatten(ta), flaxlora.paths.flatten(tb)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
+    assert json.loads((out / "results.json").read_text())["mcc"] == finished_run[1]["mcc"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:4] == [2, 4, 6, 8]  # no duplicated records after the resume
+
+
+def test_restored_predictor_reproduces_the_reported_metrics(data_dir, finished_run):
+    out, results = finished_run
+    predictor = flaxlora.restore(out)
+    test = load_qqp(data_dir)["test"]
+    predicted = predictor.predict(test.question1, test.question2)
+    assert np.mean(predicted == test.labels) == pytest.approx(results["accuracy"], abs=1e-6)
+    proba = predictor.predict_proba(test.question1[:5], test.question2[:5])
+    assert proba.shape == (5,) and np.all((proba >= 0) & (proba <= 1))
+    np.testing.assert_array_equal(proba > 0.5, predicted[:5] == 1)
+    assert predictor.logits(["What is AI?"], ["What is artificial intelligence?"]).shape == (1, 2)
+    with pytest.raises(ValueError, match="2 first questions but 1 second"):
+        predictor.predict(["a", "b"], ["c"])
+
+
+def test_predict_cli(finished_run, tmp_path):
+    out, _ = finished_run
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("id\tquestion1\tquestion2\nx1\tHow do I cook rice?\tHow should I cook rice?\n"
+                   "x2\tWhat is AI?\tWho won the 1998 World Cup?\n", encoding="utf-8")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "flaxlora.predict", "--checkpoint", str(out), *a],
+                                    capture_output=True, text=True, timeout=300, cwd=ROOT)
+    single = run("--q1", "How do I cook rice?", "--q2", "How should I cook rice?")
+    assert single.returncode == 0, single.stderr[-2000:]
+    batch = run("--tsv", str(tsv), "--out", str(tmp_path / "pred.tsv"))
+    assert batch.returncode == 0, batch.stderr[-2000:]
+    rows = list(csv.reader((tmp_path / "pred.tsv").open(), delimiter="\t"))
+    assert rows[0] == ["id", "is_duplicate", "p_duplicate"] and [r[0] for r in rows[1:]] == ["x1", "x2"]
+    assert single.stdout.splitlines()[1].split("\t")[2] == rows[1][2]  # same pair, same probability
+    missing = run("--checkpoint", str(tmp_path / "nothing"), "--q1", "a", "--q2", "b")
+    assert missing.returncode != 0 and "no run or checkpoint folder" in missing.stderr
+
+
+def test_bad_flags_and_existing_runs_get_one_line_errors(data_dir, finished_run, capsys):
+    script = load_script()
+    with pytest.raises(SystemExit) as err:
+        script.main(["--bogus"])
+    assert "unrecognized arguments: --bogus (see --help)" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        script.main(["--rank", "0", "--quiet"])
+    assert "rank must be an integer >= 1" in str(err.value)
+    out, _ = finished_run
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(SystemExit) as err:
+        script.main(flags(data_dir, out))  # same output dir without --resume
+    assert "pass --resume" in str(err.value)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    with pytest.raises(SystemExit) as err:
+        script.main(flags(data_dir, out, "--resume", "--rank", "4"))
+    assert "different run configuration" in str(err.value) and "lora" in str(err.value)
