@@ -14,17 +14,27 @@ from flaxlora.targets import resolve_targets, trainable_paths
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # The inference entry point pulls in models, tokenizers and orbax: import it on first use.
-    if name == "restore":
-        from flaxlora.predict import restore
+# Entry points that pull in transformers, tokenizers and orbax are imported on first use.
+_LAZY = {
+    "restore": "flaxlora.predict",
+    "load_pretrained": "flaxlora.loading",
+    "known_models": "flaxlora.loading",
+    "Pretrained": "flaxlora.loading",
+}
 
-        return restore
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'flaxlora' has no attribute {name!r}")
+
 
 __all__ = [
     "LoraConfig",
     "ParamSummary",
+    "Pretrained",
     "TrainIterator",
     "adapter_labels",
     "apply_factored",
@@ -38,9 +48,11 @@ __all__ = [
     "freeze_labels",
     "init_adapter",
     "init_lora",
+    "known_models",
+    "load_pretrained",
+    "load_qqp",
     "lora_candidates",
     "lora_interceptor",
-    "load_qqp",
     "lora_optimizer",
     "merge",
     "metrics_from_counts",

@@ -147,6 +147,8 @@ def test_hub_id_offline_asks_for_a_local_folder(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="'someone/some-model'.*pass a local folder"):
         load_pretrained("someone/some-model")
+    with pytest.raises(FileNotFoundError, match="'FacebookAI/roberta-large'.*pass a local folder"):
+        load_pretrained("roberta-large")  # a familiar alias resolves to its hub id
 
 
 def test_gguf_of_another_architecture(tmp_path):

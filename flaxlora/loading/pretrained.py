@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from flaxlora.loading.convert import params_from_hf
 from flaxlora.loading.gguf_file import GGUFFile
 from flaxlora.loading.hf_folder import HFFolder, download
-from flaxlora.loading.registry import known_models, resolve
+from flaxlora.loading.registry import HUB_ALIASES, known_models, resolve
 from flaxlora.models import config_from_hf, model_kind, sequence_classifier
 from flaxlora.models.auto import Config
 
@@ -55,11 +55,11 @@ def _open(name_or_path: str | os.PathLike) -> HFFolder | GGUFFile:
         path = resolve(name)
     elif os.path.exists(name):
         path = Path(name)
-    elif _HUB_ID.match(name):
-        path = download(name)
+    elif name in HUB_ALIASES or _HUB_ID.match(name):
+        path = download(HUB_ALIASES.get(name, name))
     else:
         raise FileNotFoundError(f"{name!r} is neither an existing file or folder, a hub id, nor a "
-                                f"short name ({', '.join(known_models())}).")
+                                f"short name ({', '.join(known_models() + tuple(HUB_ALIASES))}).")
     if path.suffix == ".gguf":
         return GGUFFile(path)
     ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
@@ -103,7 +103,7 @@ def load_pretrained(
     params, missing, unused = params_from_hf(model, source.tensors(), seed=seed,
                                              param_dtype=param_dtype)
     if missing:
-        log.warning("Initialised randomly (not in the checkpoint): %s", ", ".join(missing))
+        log.info("Initialised randomly (not in the checkpoint): %s", ", ".join(missing))
     if unused:
         log.info("Checkpoint tensors not used by %s: %s", type(model).__name__, ", ".join(unused))
     return Pretrained(

@@ -27,6 +27,19 @@ _MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
 }
 
 
+# Familiar short names of hub models (downloaded with huggingface_hub when online).
+HUB_ALIASES: dict[str, str] = {
+    "bert-base-uncased": "google-bert/bert-base-uncased",
+    "bert-large-uncased": "google-bert/bert-large-uncased",
+    "roberta-base": "FacebookAI/roberta-base",
+    "roberta-large": "FacebookAI/roberta-large",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+}
+
+
 def known_models() -> tuple[str, ...]:
     """The short names `load_pretrained` accepts."""
     return tuple(_MODELS)
