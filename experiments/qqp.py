@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="LoRA rank r")
     p.add_argument("--alpha", type=float, help="LoRA alpha (scale alpha/r)")
     p.add_argument("--targets", help="regex of kernels to adapt, searched in parameter paths")
+    p.add_argument("--rank-budget", type=int, help="importance-based rank allocation: total LoRA rank spread "
+                                                   "over the targets by gradient spectra before training")
     p.add_argument("--save-every", type=int, help="checkpoint every K steps (and at the end)")
     p.add_argument("--log-every", type=int, help="log loss and throughput every L steps")
     p.add_argument("--eval-every", type=int, help="evaluate on the validation split every E steps (0: at the end)")

@@ -35,6 +35,7 @@ from flaxlora.lora import merge
 from flaxlora.models import LOGICAL_AXIS_RULES, logical_partition_specs
 from flaxlora.optim import lora_optimizer
 from flaxlora.presets import RunConfig
+from flaxlora.rank_allocation import allocate
 from flaxlora.summary import summarize
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,22 @@ def _check_resumable(saved: dict[str, Any], run: RunConfig) -> None:
         raise ValueError(f"--resume with a different run configuration ({detail}); use a new --output-dir")
 
 
+def allocate_ranks(run: RunConfig, pretrained, train_data, buckets) -> RunConfig:
+    """``run`` with its LoRA ranks spread over the targets by gradient importance (see
+    :mod:`flaxlora.rank_allocation`), measured on the first ``allocation_batches`` batches of a
+    separately seeded pass over the training data."""
+    batches = TrainIterator(train_data, run.batch_size, buckets, seed=run.seed + 1)
+
+    def loss_fn(params, batch):
+        logits = pretrained.model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                                        batch["token_type_ids"])
+        loss, weight = train.weighted_cross_entropy(logits, batch["labels"], batch["weights"])
+        return loss / jnp.maximum(weight, 1.0)
+
+    sample = (next(batches) for _ in range(run.allocation_batches))
+    return run.replace(lora=allocate(run.lora, pretrained.params, loss_fn, sample, budget=run.rank_budget))
+
+
 def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate; returns (and writes to results.json) the final metrics."""
     started = time.perf_counter()
@@ -127,7 +144,10 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     if not resume and ckpt.latest_step() is not None:
         raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints: pass --resume or use a new --output-dir")
     if resume_step is not None:
-        _check_resumable(ckpt.read_meta(resume_step)["run"], run)
+        saved = ckpt.read_meta(resume_step)["run"]
+        if run.rank_budget:  # keep the ranks allocated when the run started
+            run = run.replace(lora=RunConfig.from_dict(saved).lora)
+        _check_resumable(saved, run)
 
     data = load_qqp(run.data_dir, from_hub=run.from_hub)
     log.info("%s\n%s", data.source, data.report.summary())
@@ -135,6 +155,8 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     buckets = run.buckets or default_buckets(run.max_length)
     encoded = {name: encode_split(data[name], pretrained, run) for name in data.splits if data[name].has_labels}
 
+    if run.rank_budget and resume_step is None:
+        run = allocate_ranks(run, pretrained, encoded["train"], buckets)
     mesh = sharding.make_mesh(run.mesh)
     steps_per_epoch = math.ceil(len(encoded["train"]) / run.batch_size)
     total_steps = run.max_steps or max(1, round(run.epochs * steps_per_epoch))

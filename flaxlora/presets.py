@@ -28,6 +28,8 @@ class RunConfig:
     buckets: tuple[int, ...] | None = None  # None: flaxlora.data.batching.default_buckets(max_length)
 
     lora: LoraConfig = PLAIN_LORA
+    rank_budget: int | None = None  # importance-based rank allocation: total rank spread over the targets
+    allocation_batches: int = 8  # train batches whose mean gradient ranks the targets
 
     learning_rate: float = 5e-4
     loraplus_ratio: float = 1.0

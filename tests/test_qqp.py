@@ -144,3 +144,19 @@ def test_bad_flags_and_existing_runs_get_one_line_errors(data_dir, finished_run,
     with pytest.raises(SystemExit) as err:
         script.main(flags(data_dir, out, "--resume", "--rank", "4"))
     assert "different run configuration" in str(err.value) and "lora" in str(err.value)
+
+
+def test_importance_rank_allocation_run_restores_and_resumes(data_dir, tmp_path):
+    out = tmp_path / "allocated"
+    script = load_script()
+    budget = ["--rank-budget", "40", "--targets", r"(query|key|value)/kernel$"]
+    script.main(flags(data_dir, out, *budget, "--max-steps", "2"))
+    with Checkpointer(out / "checkpoints", read_only=True) as ckpt:
+        trainable, meta = ckpt.restore_for_inference()
+    ranks = {p: a.shape[-1] for p, a in flaxlora.paths.flatten(trainable["lora"]).items() if p.endswith("/a")}
+    assert len(ranks) == 18 and sum(ranks.values()) == 40
+    assert len(set(ranks.values())) > 1, "the allocation gave every target the same rank"
+    assert flaxlora.LoraConfig(**meta["run"]["lora"]).rank_for(next(iter(ranks))[: -len("/a")]) == next(iter(ranks.values()))
+    flaxlora.restore(out).predict(["What is AI?"], ["What is artificial intelligence?"])
+    script.main(flags(data_dir, out, *budget, "--max-steps", "4", "--resume"))  # keeps the saved ranks
+    assert json.loads((out / "results.json").read_text())["steps"] == 4
