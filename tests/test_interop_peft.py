@@ -1,0 +1,362 @@
+"""Interop with PyTorch, checked by the real peer: PEFT adapters both ways, merged exports, the CLI.
+
+Logits are compared in fp32 on 32 real QQP pairs; PEFT and transformers load what we write.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import peft
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+import flaxlora
+from flaxlora import export
+from flaxlora.data.tokenize import encode_pairs
+from flaxlora.finetune import finetune
+from flaxlora.interop import classification_pad_token, hf_config, load_peft, save_merged, save_peft
+from flaxlora.loading.registry import resolve
+from flaxlora.models import RopeScaling, init_params, sequence_classifier
+from flaxlora.presets import HEAD, RunConfig
+
+from test_models import tiny_bert, tiny_llama
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "flaxlora" / "data" / "qqp_sample" / "glue_train_sample_a.tsv"
+PARITY = 1e-4  # max abs logit difference, fp32
+
+
+def encode(tokenizer, pairs, pair_format="template", max_length=64):
+    """32 pairs tokenised as in training, right-padded to the longest."""
+    first, second = map(list, zip(*pairs[:32]))
+    encoded = encode_pairs(tokenizer, first, second, max_length, pair_format=pair_format, use_cache=False)
+    return encoded.pad(np.arange(len(encoded)), int(encoded.lengths.max()))
+
+
+def torch_logits(model, batch, pad_id=None) -> np.ndarray:
+    inputs = {k: torch.tensor(np.asarray(batch[k])) for k in ("input_ids", "attention_mask", "token_type_ids")
+              if k in batch}
+    if pad_id is not None:
+        inputs["input_ids"] = torch.where(inputs["attention_mask"] == 1, inputs["input_ids"], pad_id)
+    with torch.no_grad():
+        return model.eval()(**inputs).logits.numpy()
+
+
+def max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def random_adapter(params, config, seed=0):
+    """(base, lora, extras) with every adapter leaf and trained extra perturbed: no zero b."""
+    def noisy(tree, scale, key):
+        leaves, treedef = jax.tree.flatten(tree)
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                                            for x, k in zip(leaves, keys)])
+
+    base, lora = flaxlora.init_adapter(params, config, jax.random.key(seed))
+    extras = flaxlora.trainable_params(params, config)
+    return base, noisy(lora, 0.05, jax.random.key(seed + 1)), noisy(extras, 0.1, jax.random.key(seed + 2))
+
+
+@pytest.fixture(scope="module")
+def minilm_batch(minilm, qqp_pairs):
+    return encode(minilm.tokenizer, qqp_pairs)
+
+
+@pytest.fixture(scope="module")
+def minilm_logits(minilm, minilm_batch):
+    """Our logits for merged params on the 32 pairs (one compilation for all cases)."""
+    forward = jax.jit(minilm.model.apply)
+    b = minilm_batch
+    return lambda params: np.asarray(forward({"params": params}, b["input_ids"], b["attention_mask"], b["token_type_ids"]))
+
+
+def minilm_torch():
+    """A fresh PyTorch MiniLM classifier (its classifier random: the adapter must carry ours)."""
+    return transformers.BertForSequenceClassification.from_pretrained(resolve("minilm-l6"), num_labels=2)
+
+
+VARIANTS = {
+    "standard": flaxlora.LoraConfig(rank=4, alpha=8, targets=r"(query|value)/kernel$",
+                                    rank_pattern={r"layer/1/.*query": 2}, alpha_pattern={"value": 4.0},
+                                    trainable=r"^(classifier|bert/pooler)/"),
+    # LayerNorm biases only: their modules are exported whole.
+    "rslora": flaxlora.LoraConfig(rank=8, alpha=4, scaling="rslora", targets=r"(key|attention/output/dense)/kernel$",
+                                  trainable=r"^classifier/|attention/output/LayerNorm/bias$"),
+    "dora": flaxlora.LoraConfig(rank=4, alpha=8, use_dora=True, targets=r"(query|value|intermediate/dense)/kernel$",
+                                trainable=r"^classifier/"),
+    # PiSSA / OLoRA (SVD / QR at init) on two layers only, to keep the test fast.
+    "pissa": flaxlora.LoraConfig(rank=4, alpha=8, init="pissa", targets=r"layer/[01]/.*(query|value)/kernel$",
+                                 trainable=r"^classifier/"),
+    "olora-rslora-dora": flaxlora.LoraConfig(rank=4, alpha=8, init="olora", scaling="rslora", use_dora=True,
+                                             targets=r"layer/[01]/.*(query|value)/kernel$", trainable=r"^classifier/"),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_exported_adapter_matches_peft(name, minilm, minilm_batch, minilm_logits, tmp_path):
+    config = VARIANTS[name]
+    base, lora, extras = random_adapter(minilm.params, config)
+    ours = minilm_logits(flaxlora.merge(base, lora, config, extras))
+    save_peft(tmp_path, minilm.params, lora, config, extras, save_modules=minilm.missing)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["r"] == (2 * config.rank if config.init in ("pissa", "olora") else config.rank)
+    theirs = torch_logits(peft.PeftModel.from_pretrained(minilm_torch(), tmp_path), minilm_batch)
+    diff = max_diff(ours, theirs)
+    print(f"export {name}: PEFT vs flaxlora max abs diff {diff:.1e} (|logits| <= {np.abs(ours).max():.2f})")
+    assert diff < PARITY
+    adapter = load_peft(tmp_path, minilm.params)  # our own export reads back to the same model
+    again = minilm_logits(flaxlora.merge(minilm.params, adapter.lora, adapter.config, adapter.extras))
+    assert max_diff(again, ours) < 1e-5
+
+
+TORCH_VARIANTS = {
+    "standard": dict(target_modules=["query", "value"], rank_pattern={"layer.1.attention.self.query": 2},
+                     alpha_pattern={"value": 4}),
+    # "dense" would match the pooler's dense, which modules_to_save excludes, as PEFT does.
+    "rslora": dict(target_modules=["key", "dense"], use_rslora=True, modules_to_save=["pooler"]),
+    "dora-regex": dict(target_modules=r".*\.(query|value)", use_dora=True),
+    "pissa-unconverted": dict(target_modules=r".*\.layer\.[01]\..*\.(query|value)", init_lora_weights="pissa"),
+}
+
+
+@pytest.mark.parametrize("name", TORCH_VARIANTS)
+def test_peft_adapter_imports(name, minilm, minilm_batch, minilm_logits, tmp_path):
+    torch.manual_seed(0)
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, **TORCH_VARIANTS[name])
+    model = peft.get_peft_model(minilm_torch(), config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:  # lora_A / lora_B / magnitudes and the saved modules
+                param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(tmp_path)
+    theirs = torch_logits(model, minilm_batch)
+    adapter = load_peft(tmp_path, minilm.params)
+    trainable = {"lora": adapter.lora, "extras": adapter.extras}
+    ours = minilm_logits(export.fine_tuned_params(minilm.params, trainable, adapter.config))
+    diff = max_diff(ours, theirs)
+    print(f"import {name}: flaxlora vs PEFT max abs diff {diff:.1e} (|logits| <= {np.abs(theirs).max():.2f})")
+    assert diff < PARITY
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A real 4-step LoRA run on MiniLM (q, v adapters; pooler and classifier trained)."""
+    data = tmp_path_factory.mktemp("qqp")
+    (data / "rows.tsv").write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:301]) + "\n",
+                                   encoding="utf-8")
+    out = tmp_path_factory.mktemp("run")
+    run = RunConfig(data_dir=str(data), max_steps=4, batch_size=8, max_length=64, buckets=(64,), eval_batch_size=16,
+                    learning_rate=1e-2, lora=flaxlora.LoraConfig(rank=4, alpha=8, targets=r"(query|value)/kernel$",
+                                                                 trainable=HEAD))
+    finetune(run, out, progress=False)
+    return out
+
+
+def test_trained_run_exports_match_peft_and_transformers(trained_run, minilm_batch, minilm_logits, qqp_pairs,
+                                                        tmp_path):
+    ours = minilm_logits(flaxlora.restore(trained_run).params)
+    cli = subprocess.run([sys.executable, "-m", "flaxlora.export", "--checkpoint", str(trained_run),
+                          "--format", "peft", "--out", str(tmp_path / "adapter")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert written["modules_to_save"] == ["bert.pooler.dense", "classifier"]
+    assert written["target_modules"] == ["query", "value"] and written["task_type"] == "SEQ_CLS"
+    peft_diff = max_diff(ours, torch_logits(peft.PeftModel.from_pretrained(minilm_torch(), tmp_path / "adapter"),
+                                            minilm_batch))
+
+    export.main(["--checkpoint", str(trained_run), "--format", "merged", "--out", str(tmp_path / "merged")])
+    written = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert written["architectures"] == ["BertForSequenceClassification"]
+    assert written["id2label"] == {"0": "not_duplicate", "1": "duplicate"}
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    batch = encode(tokenizer, qqp_pairs)
+    np.testing.assert_array_equal(batch["input_ids"], minilm_batch["input_ids"])
+    merged_diff = max_diff(ours, torch_logits(merged, batch))
+    print(f"trained run: PEFT {peft_diff:.1e}, merged transformers {merged_diff:.1e}")
+    assert peft_diff < PARITY and merged_diff < PARITY
+
+
+def test_smollm2_exports_match_peft_on_gguf_and_transformers(smollm2, qqp_pairs, tmp_path):
+    config = flaxlora.LoraConfig(rank=4, alpha=8, targets=r"(q_proj|v_proj)/kernel$", use_dora=True, trainable=r"^score/")
+    base, lora, extras = random_adapter(smollm2.params, config)
+    merged = flaxlora.merge(base, lora, config, extras)
+    batch = encode(smollm2.tokenizer, qqp_pairs, "prompt", max_length=48)
+    ours = np.asarray(jax.jit(smollm2.model.apply)({"params": merged}, batch["input_ids"], batch["attention_mask"]))
+    # transformers pools the rightmost token that is not pad_token_id; SmolLM2 pads with eos, which ends
+    # our prompts: pad with another token, as the merged export does.
+    pad_id = smollm2.tokenizer.convert_tokens_to_ids(classification_pad_token(smollm2.tokenizer))
+    assert pad_id != smollm2.tokenizer.eos_token_id
+
+    save_peft(tmp_path / "adapter", smollm2.params, lora, config, extras, save_modules=smollm2.missing)
+    gguf = resolve("smollm2-135m")
+    torch_base = transformers.AutoModelForSequenceClassification.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, num_labels=2)
+    torch_base.config.pad_token_id = pad_id
+    peft_diff = max_diff(ours, torch_logits(peft.PeftModel.from_pretrained(torch_base, tmp_path / "adapter"), batch, pad_id))
+
+    save_merged(tmp_path / "merged", smollm2, merged, ("not_duplicate", "duplicate"))
+    written = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert written["architectures"] == ["LlamaForSequenceClassification"] and len(written["id2label"]) == 2
+    assert written["pad_token_id"] == pad_id
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    exported_batch = encode(tokenizer, qqp_pairs, "prompt", max_length=48)
+    real = batch["attention_mask"] == 1
+    np.testing.assert_array_equal(exported_batch["input_ids"][real], batch["input_ids"][real])
+    assert np.all(exported_batch["input_ids"][~real] == pad_id)
+    merged_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    merged_diff = max_diff(ours, torch_logits(merged_model, exported_batch))
+    print(f"smollm2 DoRA: PEFT on GGUF base {peft_diff:.1e}, merged transformers {merged_diff:.1e} "
+          f"(|logits| <= {np.abs(ours).max():.1f})")
+    assert peft_diff < PARITY and merged_diff < PARITY
+
+
+def test_merged_tiny_llama_config_round_trips(tmp_path):
+    """A Llama with GQA, head_dim and llama3 RoPE: transformers reads back our config.json as built."""
+    config = tiny_llama(head_dim=16, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64), num_labels=3)
+    hf_config(config, ("a", "b", "c")).save_pretrained(tmp_path)
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert loaded.architectures == ["LlamaForSequenceClassification"] and loaded.num_labels == 3
+    assert (loaded.head_dim, loaded.num_key_value_heads, loaded.rope_parameters["rope_type"]) == (16, 2, "llama3")
+    with pytest.raises(ValueError, match="2 label names for a classifier with 3 outputs"):
+        hf_config(config, ("a", "b"))
+
+
+# --- rejected before use -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(minilm, tmp_path_factory):
+    """A valid export (standard LoRA + pooler + classifier) to break in the tests below."""
+    folder = tmp_path_factory.mktemp("exported")
+    config = VARIANTS["standard"]
+    _, lora, extras = random_adapter(minilm.params, config)
+    save_peft(folder, minilm.params, lora, config, extras, save_modules=minilm.missing)
+    return folder
+
+
+def broken(exported, tmp_path, tensors=None, settings=None):
+    """A copy of ``exported`` with its tensors and adapter_config.json changed by the given functions."""
+    loaded = safetensors.numpy.load_file(exported / "adapter_model.safetensors")
+    safetensors.numpy.save_file(tensors(loaded) if tensors else loaded, tmp_path / "adapter_model.safetensors")
+    written = json.loads((exported / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(settings(written) if settings else written))
+    return tmp_path
+
+
+Q0 = "base_model.model.bert.encoder.layer.0.attention.self.query"
+
+
+def without(name):
+    return lambda tensors: {k: v for k, v in tensors.items() if k != name}
+
+
+def renamed(old, new):
+    return lambda tensors: {k.replace(old, new): v for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("tensors, settings, error", [
+    (without(f"{Q0}.lora_B.weight"), None, r"has \['lora_A.weight'\], expected \['lora_A.weight', 'lora_B.weight'\]"),
+    (lambda t: {k: v for k, v in t.items() if not k.startswith(Q0)}, None, r"no LoRA tensors for \['bert.encoder.layer.0"),
+    (without("base_model.model.classifier.bias"), None, r"missing \['base_model.model.classifier.bias'\]"),
+    (lambda t: {**t, f"{Q0}.lora_A.weight": t[f"{Q0}.lora_A.weight"][:, :100]}, None,
+     r"lora_A.weight has shape \(4, 100\), expected \(4, 384\) .* another model or hidden size"),
+    (lambda t: {**t, "base_model.model.classifier.weight": np.zeros((3, 384), np.float32)}, None,
+     r"classifier.weight has shape \(384, 3\) .* has \(384, 2\)"),
+    (renamed(".query.", ".q_proj."), lambda s: {**s, "target_modules": ["q_proj", "value"]},
+     r"not Linear layers of the base model: \['bert.encoder.layer.0.attention.self.q_proj'"),
+    (lambda t: {**t, "base_model.model.bert.embeddings.position_ids": np.zeros(4, np.float32)}, None,
+     r"'base_model.model.bert.embeddings.position_ids' is not a parameter of the base model"),
+    (None, lambda s: {**s, "target_modules": ["query"]}, r"tensors for modules it does not select: \['bert.encoder"),
+    (None, lambda s: {**s, "r": 8}, r"'bert.encoder.layer.0.attention.self.query' has rank 4, but .* says 8"),
+    (None, lambda s: {**s, "use_dora": True}, r"expected \['lora_A.weight', 'lora_B.weight', 'lora_magnitude_vector'\]"),
+    (None, lambda s: {**s, "layers_to_transform": [0]}, r"unsupported PEFT options layers_to_transform=\[0\]"),
+    (None, lambda s: {**s, "peft_type": "IA3"}, r"peft_type 'IA3'; only LORA"),
+    (None, lambda s: {**s, "init_lora_weights": "loftq"}, r"init_lora_weights='loftq' changes the base weights"),
+], ids=["lora_B-missing", "module-missing", "head-bias-missing", "hidden-size", "num-labels", "unknown-module",
+        "unknown-tensor", "not-targeted", "rank", "dora-magnitude-missing", "layers_to_transform", "ia3", "loftq"])
+def test_bad_adapters_are_rejected_naming_the_problem(minilm, exported, tmp_path, tensors, settings, error):
+    with pytest.raises(ValueError, match=error):
+        load_peft(broken(exported, tmp_path, tensors, settings), minilm.params)
+
+
+def test_adapter_for_another_architecture_is_rejected(minilm, exported, tmp_path):
+    config = tiny_llama()
+    params = init_params(sequence_classifier(config), jax.random.key(0))
+    lora_config = flaxlora.LoraConfig(rank=2, alpha=4, targets=r"q_proj/kernel$", trainable=r"^score/")
+    _, lora, extras = random_adapter(params, lora_config)
+    save_peft(tmp_path, params, lora, lora_config, extras)
+    with pytest.raises(ValueError, match=r"not Linear layers of the base model: \['model.layers.0.self_attn.q_proj'"):
+        load_peft(tmp_path, minilm.params)
+    narrow_bert = init_params(sequence_classifier(tiny_bert(num_hidden_layers=6, num_labels=2)), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"shape \(4, 384\), expected \(4, 32\) .* another model or hidden size"):
+        load_peft(exported, narrow_bert)
+
+
+def test_pickle_and_missing_files_are_refused(minilm, exported, tmp_path):
+    (tmp_path / "adapter_config.json").write_text((exported / "adapter_config.json").read_text())
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04not loaded")
+    with pytest.raises(FileNotFoundError, match="adapter_model.bin is a pickle, which is never loaded"):
+        load_peft(tmp_path, minilm.params)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+        load_peft(tmp_path / "empty", minilm.params)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        load_peft(tmp_path, minilm.params)
+
+
+def test_exports_peft_cannot_express_are_rejected(minilm, tmp_path):
+    head_only = flaxlora.LoraConfig(targets=None, trainable=HEAD)
+    with pytest.raises(ValueError, match="export the merged model instead"):
+        save_peft(tmp_path, minilm.params, {}, head_only, flaxlora.trainable_params(minilm.params, head_only))
+    both = flaxlora.LoraConfig(rank=2, targets=r"pooler/dense/kernel$", trainable=r"pooler/dense/bias$")
+    _, lora, extras = random_adapter(minilm.params, both)
+    with pytest.raises(ValueError, match=r"both LoRA-adapted and saved whole .*\['bert.pooler.dense'\]"):
+        save_peft(tmp_path, minilm.params, lora, both, extras)
+    assert not any(tmp_path.iterdir())
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+def test_cli_never_overwrites_or_loses_files(trained_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    args = ["--checkpoint", str(trained_run), "--format", "peft", "--out", str(out)]
+    with pytest.raises(SystemExit) as err:
+        export.main(args)
+    assert "is not empty: pass --force to replace it" in str(err.value) and "\n" not in str(err.value)
+
+    def failing(folder, *args, **kwargs):
+        (pathlib.Path(folder) / "adapter_model.safetensors").write_bytes(b"half written")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "save_peft", failing)
+    with pytest.raises(OSError, match="disk full"):
+        export.export(trained_run, out, "peft", force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["keep.txt"]
+    monkeypatch.undo()
+
+    export.main([*args, "--force"])
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    for bad, message in [
+        (["--checkpoint", str(tmp_path / "nothing"), "--format", "peft", "--out", str(tmp_path / "x")], "no run or checkpoint folder"),
+        (["--checkpoint", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "x")], "invalid choice: 'onnx'"),
+        (["--checkpoint", str(trained_run), "--format", "merged", "--out", str(trained_run), "--force"], "holds the checkpoint"),
+        (["--checkpoint", str(trained_run), "--format", "merged", "--out", str(out / "adapter_config.json")], "is not a folder"),
+        (["--checkpoint", str(trained_run), "--step", "999", "--format", "peft", "--out", str(tmp_path / "x")], "no checkpoint for step 999"),
+    ]:
+        with pytest.raises(SystemExit) as err:
+            export.main(bad)
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
