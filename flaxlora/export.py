@@ -18,27 +18,16 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
-
-import jax
 
 from flaxlora.checkpoint import Checkpointer
-from flaxlora.config import LoraConfig
-from flaxlora.interop import save_merged, save_peft
+from flaxlora.interop import merged_params, save_merged, save_peft
 from flaxlora.loading import known_models, load_pretrained
 from flaxlora.loading.registry import resolve
-from flaxlora.lora import init_adapter, merge
 from flaxlora.predict import _checkpoint_dir
 from flaxlora.presets import RunConfig
 
 FORMATS = ("peft", "merged")
 QQP_LABELS = ("not_duplicate", "duplicate")
-
-
-def fine_tuned_params(params: Any, trainable: dict[str, Any], config: LoraConfig) -> Any:
-    """The merged params of a run: PiSSA / OLoRA adapters apply to the residual of ``params``."""
-    base = init_adapter(params, config, jax.random.key(0))[0] if config.targets else params
-    return merge(base, trainable["lora"], config, trainable["extras"])
 
 
 def _replace(staging: Path, out: Path) -> None:
@@ -87,7 +76,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
             save_peft(staging, pretrained.params, trainable["lora"], run.lora, trainable["extras"],
                       save_modules=pretrained.missing, base_model_name_or_path=base_name)
         else:
-            save_merged(staging, pretrained, fine_tuned_params(pretrained.params, trainable, run.lora), QQP_LABELS)
+            params = merged_params(pretrained.params, trainable["lora"], run.lora, trainable["extras"])
+            save_merged(staging, pretrained, params, QQP_LABELS)
         _replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

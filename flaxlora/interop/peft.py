@@ -23,6 +23,11 @@ PiSSA / OLoRA adapters are relative to a residual base ``W - s a0 @ b0``. They a
 PEFT converts them (``save_pretrained(..., path_initial_model_for_weight_conversion=...)``): a
 plain LoRA of rank 2r against the original base, ``A' = [A; A0]``, ``B' = [B, -B0]``, so
 ``s B' A' = s (B A - B0 A0)``, with lora_alpha doubled (rsLoRA: times sqrt 2) to keep s.
+
+Decoders: ``transformers`` pools the rightmost token that is not ``config.pad_token_id``, we pool
+the last attended one. With a tokenizer that pads with eos (SmolLM2) and inputs ending in eos
+(our QQP prompts), set the PyTorch base's ``config.pad_token_id`` to
+``classification_pad_token(tokenizer)``'s id and pad with it (see :mod:`flaxlora.interop.merged`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from safetensors.numpy import save_file
 
 from flaxlora import paths, variants
 from flaxlora.config import LoraConfig
+from flaxlora.interop.merged import merged_params
 from flaxlora.interop.names import ancestors, module_name, tensor_name, tensor_names
 from flaxlora.loading import to_hf
 from flaxlora.loading.hf_folder import _read_safetensors
@@ -66,13 +72,19 @@ INITS = {True: "lora", False: "lora", "gaussian": "gaussian", "pissa": "pissa", 
 
 
 class PeftAdapter(NamedTuple):
-    """An imported adapter: ``flaxlora.merge(base, lora, config, extras)`` is the fine-tuned model,
-    with ``base = params``, or for ``config.init`` "pissa" / "olora" (an unconverted PEFT
-    adapter) the residual ``flaxlora.init_adapter(params, config, rng)[0]``, as PEFT recomputes it."""
+    """An imported adapter: the adapter tree, the modules_to_save parameters and a LoraConfig.
+
+    ``config.init`` is "pissa" / "olora" for an unconverted PEFT PiSSA / OLoRA adapter, which
+    applies to the residual of the base weights (PEFT recomputes it on load, as does :meth:`merged`).
+    """
 
     lora: PyTree
     extras: PyTree
     config: LoraConfig
+
+    def merged(self, params: PyTree) -> PyTree:
+        """The fine-tuned params for the pretrained ``params``."""
+        return merged_params(params, self.lora, self.config, self.extras)
 
 
 def _wrapped(module: str, modules_to_save: Iterable[str]) -> bool:
