@@ -316,20 +316,18 @@ def _split(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, dict[str, np.nd
 
 def _check_shapes(module: str, parts: Mapping[str, np.ndarray], n_in: int, n_out: int, use_dora: bool) -> int:
     """The adapter's rank; ValueError naming the tensor when a shape does not fit an n_in -> n_out layer."""
+    suffix = {leaf: s for s, leaf in LORA_TENSORS.items()}
     expected_parts = {"a", "b", "magnitude"} if use_dora else {"a", "b"}
     if set(parts) != expected_parts:
-        names = {v: k for k, v in LORA_TENSORS.items()}
-        raise ValueError(f"{WEIGHTS_FILE}: module {module!r} has {sorted(names[k] for k in parts)}, expected "
-                         f"{sorted(names[k] for k in expected_parts)} (use_dora={use_dora})")
-    rank = parts["a"].shape[0] if parts["a"].ndim == 2 else -1
+        raise ValueError(f"{WEIGHTS_FILE}: module {module!r} has {sorted(suffix[k] for k in parts)}, expected "
+                         f"{sorted(suffix[k] for k in expected_parts)} (use_dora={use_dora})")
+    rank = parts["a"].shape[0] if parts["a"].ndim == 2 else "r"
     expected = {"a": (rank, n_in), "b": (n_out, rank), "magnitude": (n_out,)}
     for leaf, value in parts.items():
-        if value.shape != expected[leaf] or rank < 1:
-            name = next(k for k, v in LORA_TENSORS.items() if v == leaf)
-            raise ValueError(
-                f"{WEIGHTS_FILE}: {PREFIX}{module}.{name} has shape {value.shape}, expected "
-                f"{expected[leaf] if rank >= 1 else '(r, in)'} for the base model's {n_in} -> {n_out} layer "
-                "(an adapter for another model or hidden size?)")
+        if value.shape != expected[leaf] or not value.size:
+            raise ValueError(f"{WEIGHTS_FILE}: {PREFIX}{module}.{suffix[leaf]} has shape {value.shape}, expected "
+                             f"{expected[leaf]} for the base model's {n_in} -> {n_out} layer (an adapter for "
+                             "another model or hidden size?)")
     return rank
 
 
