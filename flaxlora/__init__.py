@@ -4,7 +4,16 @@ from flaxlora.config import LoraConfig
 from flaxlora.factored import apply_factored, lora_interceptor
 from flaxlora.data import TrainIterator, default_buckets, encode_pairs, eval_batches, load_qqp
 from flaxlora.evaluate import evaluate
-from flaxlora.lora import apply_lora, extract_lora, init_adapter, init_lora, merge, trainable_params, unmerge
+from flaxlora.lora import (
+    apply_lora,
+    extract_lora,
+    init_adapter,
+    init_lora,
+    merge,
+    merge_pretrained,
+    trainable_params,
+    unmerge,
+)
 from flaxlora.metrics import confusion_counts, metrics_from_counts
 from flaxlora.optim import adapter_labels, freeze_labels, lora_optimizer, trainable_mask
 from flaxlora.paths import lora_candidates
@@ -20,6 +29,9 @@ _LAZY = {
     "load_pretrained": "flaxlora.loading",
     "known_models": "flaxlora.loading",
     "Pretrained": "flaxlora.loading",
+    "save_peft": "flaxlora.interop",
+    "load_peft": "flaxlora.interop",
+    "save_merged": "flaxlora.interop",
 }
 
 
@@ -54,10 +66,14 @@ __all__ = [
     "lora_candidates",
     "lora_interceptor",
     "lora_optimizer",
+    "load_peft",
     "merge",
+    "merge_pretrained",
     "metrics_from_counts",
     "resolve_targets",
     "restore",
+    "save_merged",
+    "save_peft",
     "summarize",
     "trainable_mask",
     "trainable_params",

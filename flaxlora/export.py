@@ -20,10 +20,11 @@ import uuid
 from pathlib import Path
 
 from flaxlora.checkpoint import Checkpointer
-from flaxlora.interop import merged_params, save_merged, save_peft
+from flaxlora.interop import save_merged, save_peft
+from flaxlora.lora import merge_pretrained
 from flaxlora.loading import known_models, load_pretrained
 from flaxlora.loading.registry import resolve
-from flaxlora.predict import _checkpoint_dir
+from flaxlora.predict import checkpoint_dir
 from flaxlora.presets import RunConfig
 
 FORMATS = ("peft", "merged")
@@ -56,14 +57,14 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    checkpoint_dir, out = _checkpoint_dir(checkpoint).resolve(), Path(out).resolve()
+    source, out = checkpoint_dir(checkpoint).resolve(), Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
-    if out == checkpoint_dir or out in checkpoint_dir.parents:
+    if out == source or out in source.parents:
         raise FileExistsError(f"{out} holds the checkpoint being exported: choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} is not empty: pass --force to replace it")
-    with Checkpointer(checkpoint_dir, read_only=True) as ckpt:
+    with Checkpointer(source, read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference(step)
     run = RunConfig.from_dict(meta["run"])
     pretrained = load_pretrained(run.model, num_labels=2, seed=run.seed)
@@ -76,7 +77,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
             save_peft(staging, pretrained.params, trainable["lora"], run.lora, trainable["extras"],
                       save_modules=pretrained.missing, base_model_name_or_path=base_name)
         else:
-            params = merged_params(pretrained.params, trainable["lora"], run.lora, trainable["extras"])
+            params = merge_pretrained(pretrained.params, trainable["lora"], run.lora, trainable["extras"])
             save_merged(staging, pretrained, params, QQP_LABELS)
         _replace(staging, out)
     finally:

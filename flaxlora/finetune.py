@@ -274,7 +274,7 @@ def one_screen_summary(results: dict[str, Any], output_dir: str | os.PathLike) -
     lines = [
         f"model      {results['model']}   ({results['devices']}, seed {results['seed']})",
         f"data       {results['data']}",
-        f"examples   " + ", ".join(f"{k} {v:,} ({100 * results['positive_rate'][k]:.1f}% dup)" for k, v in results["examples"].items()),
+        "examples   " + ", ".join(f"{k} {v:,} ({100 * results['positive_rate'][k]:.1f}% dup)" for k, v in results["examples"].items()),
         f"trained    {results['steps']} steps, {results['trainable_params']:,} of {results['total_params']:,} "
         f"params ({results['trainable_percent']:.2f}%)",
         f"speed      {results['train_tokens_per_s'] or float('nan'):,.0f} tokens/s; wall {results['wall_seconds']:.0f} s",

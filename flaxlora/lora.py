@@ -64,7 +64,8 @@ def check_adapter(path: str, adapter: dict[str, jax.Array], target: Target, use_
             )
 
 
-def _matched(params: PyTree, lora_params: PyTree, config: LoraConfig):
+def matched_adapters(params: PyTree, lora_params: PyTree, config: LoraConfig):
+    """``(targets, adapters)`` of ``config`` on ``params``, checked to match ``lora_params`` one to one."""
     targets = resolve_targets(params, config)
     adapters = adapters_by_path(lora_params)
     missing, extra = set(targets) - set(adapters), set(adapters) - set(targets)
@@ -139,7 +140,7 @@ def apply_lora(params: PyTree, lora_params: PyTree, config: LoraConfig) -> PyTre
     weights then get no gradient. LoRA dropout is not applied here (see
     :func:`flaxlora.lora_interceptor`).
     """
-    targets, adapters = _matched(params, lora_params, config)
+    targets, adapters = matched_adapters(params, lora_params, config)
     flat = paths.flatten(params)
     merged = {p: _merged_kernel(flat[p], adapters[p], t) for p, t in targets.items()}
     return paths.replace(params, merged)
@@ -151,6 +152,17 @@ def merge(params: PyTree, lora_params: PyTree, config: LoraConfig, extras: PyTre
     The result runs with the unmodified model at zero overhead.
     """
     return apply_lora(with_extras(params, extras), lora_params, config)
+
+
+def merge_pretrained(
+    pretrained_params: PyTree, lora_params: PyTree, config: LoraConfig, extras: PyTree | None = None
+) -> PyTree:
+    """:func:`merge` onto the original pretrained weights. PiSSA / OLoRA adapters were trained on
+    the residual base, which depends on those weights only and is recomputed here first."""
+    base = pretrained_params
+    if config.init in variants.RESIDUAL_INITS:
+        base = init_adapter(pretrained_params, config, jax.random.key(0))[0]
+    return merge(base, lora_params, config, extras)
 
 
 def with_extras(params: PyTree, extras: PyTree | None) -> PyTree:
@@ -166,7 +178,7 @@ def unmerge(merged_params: PyTree, lora_params: PyTree, config: LoraConfig) -> P
     """
     if config.use_dora:
         raise ValueError("a DoRA merge cannot be inverted from merged weights and adapter: keep the base params")
-    targets, adapters = _matched(merged_params, lora_params, config)
+    targets, adapters = matched_adapters(merged_params, lora_params, config)
     flat = paths.flatten(merged_params)
     base = {}
     for p, t in targets.items():

@@ -25,7 +25,7 @@ from flaxlora.checkpoint import Checkpointer
 from flaxlora.data.batching import default_buckets
 from flaxlora.data.tokenize import encode_pairs
 from flaxlora.loading import load_pretrained
-from flaxlora.lora import init_adapter, merge
+from flaxlora.lora import merge_pretrained
 from flaxlora.presets import RunConfig
 
 
@@ -71,7 +71,7 @@ class Predictor:
         return self.logits(q1s, q2s).argmax(axis=-1).astype(np.int32)
 
 
-def _checkpoint_dir(path: str | os.PathLike) -> Path:
+def checkpoint_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if (path / "checkpoints").is_dir():
         return path / "checkpoints"
@@ -85,13 +85,11 @@ def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 
 
     ``step`` picks a checkpoint (default: the latest).
     """
-    with Checkpointer(_checkpoint_dir(path), read_only=True) as ckpt:
+    with Checkpointer(checkpoint_dir(path), read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference(step)
     run = RunConfig.from_dict(meta["run"])
     pretrained = load_pretrained(run.model, num_labels=2, seed=run.seed)
-    # PiSSA / OLoRA trained on the residual base, which depends on the base weights only.
-    base = init_adapter(pretrained.params, run.lora, jax.random.key(0))[0] if run.lora.targets else pretrained.params
-    params = jax.jit(lambda b, t: merge(b, t["lora"], run.lora, t["extras"]))(base, trainable)
+    params = jax.jit(lambda p, t: merge_pretrained(p, t["lora"], run.lora, t["extras"]))(pretrained.params, trainable)
     return Predictor(pretrained.model, params, pretrained.tokenizer,
                      "template" if pretrained.kind == "encoder" else "prompt",
                      run.max_length, run.buckets or default_buckets(run.max_length), batch_size)

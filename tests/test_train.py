@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from toy_models import ToyClassifier, toy_batches
@@ -82,7 +81,7 @@ def test_dropout_keys_depend_on_the_step_only():
     apply = train.logits_fn(model, config, "factored")
     step = jax.jit(lambda s, f, b: train.train_step(s, f, b, apply=apply, tx=tx))
     batch = toy_batches(1, seed=5)[0]
-    (a, ma), (b, mb) = step(state, frozen, batch), step(state, frozen, batch)
+    (_, ma), (_, mb) = step(state, frozen, batch), step(state, frozen, batch)
     assert float(ma["loss"]) == float(mb["loss"])
     later = state.replace(step=state.step + 1)
     assert float(step(later, frozen, batch)[1]["loss"]) != float(ma["loss"])

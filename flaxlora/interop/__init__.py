@@ -2,14 +2,14 @@
 
     save_peft(folder, params, lora, config, extras)   # for peft.PeftModel.from_pretrained(base, folder)
     adapter = load_peft(folder, params)               # a PEFT adapter saved in PyTorch, checked
-    fine_tuned = adapter.merged(params)               # = merged_params(params, lora, config, extras)
+    fine_tuned = adapter.merged(params)               # = merge_pretrained(params, lora, config, extras)
     save_merged(folder, pretrained, fine_tuned, labels)  # for AutoModelForSequenceClassification
 
 ``python -m flaxlora.export`` does the same from a training run's checkpoint.
 """
 
-from flaxlora.interop.merged import classification_pad_token, hf_config, merged_params, save_merged
+from flaxlora.interop.merged import classification_pad_token, hf_config, save_merged
 from flaxlora.interop.peft import PeftAdapter, load_peft, save_peft
 
-__all__ = ["PeftAdapter", "classification_pad_token", "hf_config", "load_peft", "merged_params", "save_merged",
+__all__ = ["PeftAdapter", "classification_pad_token", "hf_config", "load_peft", "save_merged",
            "save_peft"]

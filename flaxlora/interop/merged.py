@@ -1,6 +1,6 @@
 """Merged models as Hugging Face folders that ``transformers`` loads as they are.
 
-    save_merged(folder, pretrained, merged_params(params, lora, config, extras), labels)
+    save_merged(folder, pretrained, merge_pretrained(params, lora, config, extras), labels)
     AutoModelForSequenceClassification.from_pretrained(folder)        # in PyTorch
 
 The folder holds ``config.json`` (built from our architecture config, so a GGUF base gets a
@@ -17,29 +17,18 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
 import numpy as np
 import transformers
 from safetensors.numpy import save_file
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-from flaxlora import paths, variants
-from flaxlora.config import LoraConfig
+from flaxlora import paths
 from flaxlora.loading import Pretrained, to_hf
-from flaxlora.lora import init_adapter, merge
 from flaxlora.models import LlamaConfig
 from flaxlora.models.auto import Config
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def merged_params(params: paths.PyTree, lora: paths.PyTree, config: LoraConfig,
-                  extras: paths.PyTree | None = None) -> paths.PyTree:
-    """The fine-tuned params: :func:`flaxlora.merge` of the adapter onto the pretrained ``params``,
-    or for PiSSA / OLoRA onto the residual of ``params`` they were trained on."""
-    base = init_adapter(params, config, jax.random.key(0))[0] if config.init in variants.RESIDUAL_INITS else params
-    return merge(base, lora, config, extras)
 
 
 def hf_config(config: Config, labels: Sequence[str] | None = None) -> transformers.PretrainedConfig:

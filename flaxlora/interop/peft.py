@@ -48,11 +48,11 @@ from safetensors.numpy import save_file
 
 from flaxlora import paths, variants
 from flaxlora.config import LoraConfig
-from flaxlora.interop.merged import merged_params
+from flaxlora.lora import merge_pretrained
 from flaxlora.interop.names import ancestors, module_name, tensor_name, tensor_names
 from flaxlora.loading import to_hf
-from flaxlora.loading.hf_folder import _read_safetensors
-from flaxlora.lora import _matched, adapters_by_path, init_adapter, with_extras
+from flaxlora.loading.hf_folder import read_safetensors
+from flaxlora.lora import matched_adapters, adapters_by_path, init_adapter, with_extras
 
 PyTree = paths.PyTree
 PREFIX = "base_model.model."
@@ -84,7 +84,7 @@ class PeftAdapter(NamedTuple):
 
     def merged(self, params: PyTree) -> PyTree:
         """The fine-tuned params for the pretrained ``params``."""
-        return merged_params(params, self.lora, self.config, self.extras)
+        return merge_pretrained(params, self.lora, self.config, self.extras)
 
 
 def _wrapped(module: str, modules_to_save: Iterable[str]) -> bool:
@@ -191,7 +191,7 @@ def save_peft(
     if config.targets is None:
         raise ValueError("the run trained no LoRA adapters (targets=None), which PEFT cannot load as an "
                          "adapter: export the merged model instead")
-    targets, adapters = _matched(params, lora, config)
+    targets, adapters = matched_adapters(params, lora, config)
     flat = paths.flatten(params)
     bad = [p for p, t in targets.items() if t.stack or flat[p].ndim != 2 or not p.endswith("/kernel")]
     if bad:
@@ -290,7 +290,7 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
                 if (folder / "adapter_model.bin").exists() else "")
         raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}{hint}")
     try:
-        return {name: np.asarray(value, np.float32) for name, value in _read_safetensors(file)}
+        return {name: np.asarray(value, np.float32) for name, value in read_safetensors(file)}
     except SafetensorError as err:
         raise ValueError(f"{file} is not a valid safetensors file: {err}") from None
 
@@ -414,6 +414,6 @@ def load_peft(folder: str | os.PathLike, params: PyTree) -> PeftAdapter:
         trainable=rf"^({'|'.join(sorted({re.escape(p.rpartition('/')[0]) for p in extras}))})/" if extras else None,
     )
     lora_tree = paths.unflatten({f"{p}/{k}": v for p, ad in lora.items() for k, v in ad.items()})
-    _matched(params, lora_tree, config)
+    matched_adapters(params, lora_tree, config)
     return PeftAdapter(lora=lora_tree, extras=paths.unflatten(extras), config=config)
 

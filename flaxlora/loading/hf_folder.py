@@ -35,7 +35,7 @@ def _bfloat16_reader(file: Path):
     return read
 
 
-def _read_safetensors(file: Path) -> Iterator[tuple[str, np.ndarray]]:
+def read_safetensors(file: Path) -> Iterator[tuple[str, np.ndarray]]:
     with safe_open(file, framework="np") as st:
         bf16 = None
         for name in st.keys():
@@ -76,7 +76,7 @@ class HFFolder:
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, numpy array) for every tensor, one at a time."""
         for file in self.weight_files():
-            yield from _read_safetensors(file)
+            yield from read_safetensors(file)
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
