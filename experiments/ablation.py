@@ -207,7 +207,7 @@ def main() -> None:
     args = p.parse_args()
     base = RunConfig(model=args.model, data_dir=args.data_dir, max_steps=args.max_steps, batch_size=args.batch_size,
                      max_length=args.max_length, buckets=args.buckets, learning_rate=args.learning_rate,
-                     save_every=0, log_every=25)
+                     save_every=0, log_every=25, eval_batch_size=128)
     out = Path(args.output_dir)
     if args.one:
         name, seed = args.one
