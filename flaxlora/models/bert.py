@@ -15,6 +15,7 @@ from flaxlora.models.config import BertConfig
 from flaxlora.models.layers import (
     Array,
     Block,
+    SequenceClassifier,
     Stack,
     activation,
     attention_output,
@@ -148,7 +149,7 @@ def _classifier_dropout(cfg: BertConfig) -> float:
     return cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
 
 
-class BertForSequenceClassification(Block):
+class BertForSequenceClassification(SequenceClassifier):
     """HF `BertForSequenceClassification`: pooler (dense + tanh on [CLS]) -> dropout -> classifier."""
 
     backbone: ClassVar[str] = "bert"
@@ -158,16 +159,6 @@ class BertForSequenceClassification(Block):
         self.bert = BertModel(cfg, self.dtype, self.param_dtype)
         self.dropout = nn.Dropout(_classifier_dropout(cfg))
         self.classifier = self.dense(cfg.num_labels, ("embed", "classes"))
-
-    def hidden_states(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        token_type_ids: Array | None = None,
-        deterministic: bool = True,
-    ) -> Array:
-        """Backbone output (batch, len, hidden)."""
-        return self.bert(input_ids, attention_mask, token_type_ids, deterministic)
 
     def __call__(
         self,
@@ -194,7 +185,7 @@ class RobertaClassificationHead(Block):
         return self.dense(cfg.num_labels, ("embed_out", "classes"), name="out_proj")(x)
 
 
-class RobertaForSequenceClassification(Block):
+class RobertaForSequenceClassification(SequenceClassifier):
     """HF `RobertaForSequenceClassification` (no pooler)."""
 
     backbone: ClassVar[str] = "roberta"
@@ -202,16 +193,6 @@ class RobertaForSequenceClassification(Block):
     def setup(self):
         self.roberta = BertModel(self.config, self.dtype, self.param_dtype)
         self.classifier = RobertaClassificationHead(self.config, self.dtype, self.param_dtype)
-
-    def hidden_states(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        token_type_ids: Array | None = None,
-        deterministic: bool = True,
-    ) -> Array:
-        """Backbone output (batch, len, hidden)."""
-        return self.roberta(input_ids, attention_mask, token_type_ids, deterministic)
 
     def __call__(
         self,

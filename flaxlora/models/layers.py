@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -137,3 +137,19 @@ def attention_output(probs: Array, v: Array) -> Array:
 def split_heads(x: Array, head_dim: int) -> Array:
     """(batch, len, heads * head_dim) -> (batch, len, heads, head_dim)."""
     return x.reshape(*x.shape[:2], -1, head_dim)
+
+
+class SequenceClassifier(Block):
+    """A backbone (the submodule named by `backbone`) with a classification head."""
+
+    backbone: ClassVar[str]
+
+    def hidden_states(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        token_type_ids: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """Backbone output (batch, len, hidden)."""
+        return getattr(self, self.backbone)(input_ids, attention_mask, token_type_ids, deterministic)

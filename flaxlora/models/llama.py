@@ -17,6 +17,7 @@ from flaxlora.models.config import LlamaConfig
 from flaxlora.models.layers import (
     Array,
     Block,
+    SequenceClassifier,
     Stack,
     activation,
     attention_output,
@@ -133,7 +134,7 @@ def last_token(hidden: Array, attention_mask: Array) -> Array:
     return hidden[jnp.arange(hidden.shape[0]), index]
 
 
-class LlamaForSequenceClassification(Block):
+class LlamaForSequenceClassification(SequenceClassifier):
     """HF `LlamaForSequenceClassification`: `score` (no bias) on the last non-padding token."""
 
     backbone: ClassVar[str] = "model"
@@ -141,16 +142,6 @@ class LlamaForSequenceClassification(Block):
     def setup(self):
         self.model = LlamaModel(self.config, self.dtype, self.param_dtype)
         self.score = self.dense(self.config.num_labels, ("embed", "classes"), use_bias=False)
-
-    def hidden_states(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        token_type_ids: Array | None = None,
-        deterministic: bool = True,
-    ) -> Array:
-        """Backbone output (batch, len, hidden)."""
-        return self.model(input_ids, attention_mask, token_type_ids, deterministic)
 
     def __call__(
         self,
