@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from toy_models import ToyClassifier, toy_batches
@@ -118,3 +119,24 @@ def test_eight_devices_give_the_one_device_losses():
     assert result["sharded_frozen"], "frozen weights were not split over fsdp"
     np.testing.assert_allclose(result["mesh"], result["single"], rtol=1e-5)
     assert result["single"][-1] < result["single"][0]
+
+
+def test_bfloat16_compute_keeps_lora_and_optimizer_in_float32():
+    from test_models import tiny_bert
+
+    from flaxlora.models import init_params, sequence_classifier
+
+    model = sequence_classifier(tiny_bert(num_labels=2, vocab_size=32), dtype=jnp.bfloat16)
+    params = init_params(model, jax.random.key(0))
+    tx = flaxlora.lora_optimizer(1e-2)
+    config = CONFIG.replace(trainable=r"^classifier/")
+    state, frozen = train.init_train_state(params, config, tx, jax.random.key(1))
+    step = jax.jit(lambda s, f, b: train.train_step(s, f, b, apply=train.logits_fn(model, config), tx=tx))
+    losses = []
+    for batch in toy_batches(8, seed=9):
+        state, metrics = step(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert {x.dtype for x in jax.tree.leaves((state.trainable, state.opt_state)) if x.ndim} == {jnp.dtype("float32")}
+    logits = train.logits_fn(model, config)(frozen, state.trainable, toy_batches(1)[0])
+    assert logits.dtype == jnp.bfloat16
