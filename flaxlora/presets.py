@@ -56,6 +56,30 @@ class RunConfig:
     lora_path: str = "merged"  # "merged" or "factored" (needed for LoRA dropout)
     cache_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.accum_steps >= 1 and self.batch_size % self.accum_steps == 0,
+             f"batch_size {self.batch_size} must be a multiple of accum_steps {self.accum_steps}"),
+            (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
+            (not self.buckets or (list(self.buckets) == sorted(set(self.buckets)) and self.buckets[-1] <= self.max_length
+                                  and self.buckets[0] >= 1),
+             f"buckets must be increasing lengths <= max_length {self.max_length}, got {self.buckets}"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.decay in ("linear", "cosine"), f"decay must be 'linear' or 'cosine', got {self.decay!r}"),
+            (self.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}"),
+            (self.lora_path in ("merged", "factored"), f"lora_path must be 'merged' or 'factored', got {self.lora_path!r}"),
+            (self.log_every >= 1 and self.save_every >= 0 and self.eval_every >= 0,
+             "log_every must be >= 1, save_every and eval_every >= 0"),
+            (self.rank_budget is None or self.rank_budget >= 1, f"rank_budget must be >= 1, got {self.rank_budget}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["lora"] = self.lora.to_dict()
