@@ -16,7 +16,8 @@ import logging
 import sys
 import time
 
-from flaxlora.finetune import finetune, one_screen_summary
+from flaxlora.finetune import finetune
+from flaxlora.reporting import one_screen_summary
 from flaxlora.presets import PRESETS, RunConfig
 
 DEFAULT_PRESET = "lora"

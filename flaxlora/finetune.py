@@ -22,13 +22,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flaxlora import sharding, train
 from flaxlora.checkpoint import Checkpointer
 from flaxlora.data.batching import TrainIterator, default_buckets, eval_batches
 from flaxlora.data.qqp import load_qqp
-from flaxlora.data.tokenize import encode_pairs
+from flaxlora.data.tokenize import encode_pairs, pair_format_for
 from flaxlora.evaluate import evaluate, make_eval_step
 from flaxlora.loading import load_pretrained
 from flaxlora.lora import merge
@@ -36,6 +35,7 @@ from flaxlora.models import LOGICAL_AXIS_RULES, logical_partition_specs
 from flaxlora.optim import lora_optimizer
 from flaxlora.presets import RunConfig
 from flaxlora.rank_allocation import allocate
+from flaxlora.reporting import RunLog, mean_throughput, plot_curves
 from flaxlora.summary import summarize
 
 log = logging.getLogger(__name__)
@@ -44,70 +44,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints", "cache_dir")
 
 
-def pair_format(kind: str) -> str:
-    return "template" if kind == "encoder" else "prompt"
-
-
 def encode_split(split, pretrained, run: RunConfig):
     return encode_pairs(
         pretrained.tokenizer, split.question1, split.question2, run.max_length, labels=split.labels,
-        pair_format=pair_format(pretrained.kind), cache_dir=run.cache_dir,
+        pair_format=pair_format_for(pretrained.kind), cache_dir=run.cache_dir,
     )
-
-
-class RunLog:
-    """metrics.jsonl + TensorBoard; on resume, records after the restored step are dropped."""
-
-    def __init__(self, output_dir: Path, resume_step: int | None):
-        self.path = output_dir / "metrics.jsonl"
-        records = []
-        if resume_step is not None and self.path.exists():
-            records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        self.records = records
-        self._tb = None
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(output_dir / "tb"))
-        except ImportError:  # TensorBoard is optional; metrics.jsonl is always written.
-            log.info("tensorboardX not installed: no TensorBoard events")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            prefix = record.get("split", "train")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "split"):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-
-def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
-    """PNG of the training loss and the evaluation accuracy / MCC against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    trained = [r for r in records if "split" not in r]
-    left.plot([r["step"] for r in trained], [r["loss"] for r in trained], label="train loss")
-    for split, style in (("eval", "o-"), ("test", "s--")):
-        evals = [r for r in records if r.get("split") == split]
-        if evals:
-            left.plot([r["step"] for r in evals], [r["loss"] for r in evals], style, label=f"{split} loss")
-            for metric in ("accuracy", "mcc"):
-                right.plot([r["step"] for r in evals], [r[metric] for r in evals], style, label=f"{split} {metric}")
-    left.set_xlabel("step"), left.legend(), right.set_xlabel("step"), right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _check_resumable(saved: dict[str, Any], run: RunConfig) -> None:
@@ -242,7 +183,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
         "trainable_params": summary.trainable,
         "total_params": summary.total,
         "trainable_percent": 100 * summary.trainable_fraction,
-        "train_tokens_per_s": _mean_throughput(run_log.records),
+        "train_tokens_per_s": mean_throughput(run_log.records),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -256,12 +197,6 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     return results
 
 
-def _mean_throughput(records: list[dict[str, Any]]) -> float | None:
-    """Mean train tokens/s over logged windows, skipping the first (it includes compilation)."""
-    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
-    return float(np.mean(rates)) if rates else None
-
-
 def _progress(enabled: bool, start: int, total: int):
     from tqdm.auto import tqdm
 
@@ -269,18 +204,3 @@ def _progress(enabled: bool, start: int, total: int):
                 dynamic_ncols=True)
 
 
-def one_screen_summary(results: dict[str, Any], output_dir: str | os.PathLike) -> str:
-    """The run in a few lines: model, data, budget, parameters, metrics per split, outputs."""
-    lines = [
-        f"model      {results['model']}   ({results['devices']}, seed {results['seed']})",
-        f"data       {results['data']}",
-        "examples   " + ", ".join(f"{k} {v:,} ({100 * results['positive_rate'][k]:.1f}% dup)" for k, v in results["examples"].items()),
-        f"trained    {results['steps']} steps, {results['trainable_params']:,} of {results['total_params']:,} "
-        f"params ({results['trainable_percent']:.2f}%)",
-        f"speed      {results['train_tokens_per_s'] or float('nan'):,.0f} tokens/s; wall {results['wall_seconds']:.0f} s",
-    ]
-    for split, m in results["splits"].items():
-        lines.append(f"{split:<10} accuracy {m['accuracy']:.4f}  F1 {m['f1']:.4f}  MCC {m['mcc']:.4f}  "
-                     f"loss {m['loss']:.4f}  (n={m['n']:,})")
-    lines.append(f"outputs    {os.fspath(output_dir)}/results.json, metrics.jsonl, curves.png, tb/, checkpoints/")
-    return "\n".join(lines)

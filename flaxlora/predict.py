@@ -23,7 +23,7 @@ import numpy as np
 
 from flaxlora.checkpoint import Checkpointer
 from flaxlora.data.batching import default_buckets
-from flaxlora.data.tokenize import encode_pairs
+from flaxlora.data.tokenize import encode_pairs, pair_format_for
 from flaxlora.loading import load_pretrained
 from flaxlora.lora import merge_pretrained
 from flaxlora.presets import RunConfig
@@ -91,7 +91,7 @@ def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 
     pretrained = load_pretrained(run.model, num_labels=2, seed=run.seed)
     params = jax.jit(lambda p, t: merge_pretrained(p, t["lora"], run.lora, t["extras"]))(pretrained.params, trainable)
     return Predictor(pretrained.model, params, pretrained.tokenizer,
-                     "template" if pretrained.kind == "encoder" else "prompt",
+                     pair_format_for(pretrained.kind),
                      run.max_length, run.buckets or default_buckets(run.max_length), batch_size)
 
 

@@ -83,6 +83,11 @@ class EncodedPairs:
         }
 
 
+def pair_format_for(kind: str) -> PairFormat:
+    """The pair format of a model kind: ``"template"`` for encoders, ``"prompt"`` for decoders."""
+    return "template" if kind == "encoder" else "prompt"
+
+
 def default_cache_dir() -> Path:
     """``$FLAXLORA_CACHE_DIR`` if set, else ``~/.cache/flaxlora``."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "flaxlora")

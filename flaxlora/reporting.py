@@ -1,0 +1,91 @@
+"""What a run reports: metrics.jsonl + TensorBoard, the curves PNG, the one-screen summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard; on resume, records after the restored step are dropped."""
+
+    def __init__(self, output_dir: Path, resume_step: int | None):
+        self.path = output_dir / "metrics.jsonl"
+        records = []
+        if resume_step is not None and self.path.exists():
+            records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        self.records = records
+        self._tb = None
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(output_dir / "tb"))
+        except ImportError:  # TensorBoard is optional; metrics.jsonl is always written.
+            log.info("tensorboardX not installed: no TensorBoard events")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            prefix = record.get("split", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "split"):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
+    """PNG of the training loss and the evaluation accuracy / MCC against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    trained = [r for r in records if "split" not in r]
+    left.plot([r["step"] for r in trained], [r["loss"] for r in trained], label="train loss")
+    for split, style in (("eval", "o-"), ("test", "s--")):
+        evals = [r for r in records if r.get("split") == split]
+        if evals:
+            left.plot([r["step"] for r in evals], [r["loss"] for r in evals], style, label=f"{split} loss")
+            for metric in ("accuracy", "mcc"):
+                right.plot([r["step"] for r in evals], [r[metric] for r in evals], style, label=f"{split} {metric}")
+    left.set_xlabel("step"), left.legend(), right.set_xlabel("step"), right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def mean_throughput(records: list[dict[str, Any]]) -> float | None:
+    """Mean train tokens/s over logged windows, skipping the first (it includes compilation)."""
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
+    return float(np.mean(rates)) if rates else None
+
+
+def one_screen_summary(results: dict[str, Any], output_dir: str | os.PathLike) -> str:
+    """The run in a few lines: model, data, budget, parameters, metrics per split, outputs."""
+    lines = [
+        f"model      {results['model']}   ({results['devices']}, seed {results['seed']})",
+        f"data       {results['data']}",
+        "examples   " + ", ".join(f"{k} {v:,} ({100 * results['positive_rate'][k]:.1f}% dup)" for k, v in results["examples"].items()),
+        f"trained    {results['steps']} steps, {results['trainable_params']:,} of {results['total_params']:,} "
+        f"params ({results['trainable_percent']:.2f}%)",
+        f"speed      {results['train_tokens_per_s'] or float('nan'):,.0f} tokens/s; wall {results['wall_seconds']:.0f} s",
+    ]
+    for split, m in results["splits"].items():
+        lines.append(f"{split:<10} accuracy {m['accuracy']:.4f}  F1 {m['f1']:.4f}  MCC {m['mcc']:.4f}  "
+                     f"loss {m['loss']:.4f}  (n={m['n']:,})")
+    lines.append(f"outputs    {os.fspath(output_dir)}/results.json, metrics.jsonl, curves.png, tb/, checkpoints/")
+    return "\n".join(lines)
