@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
                                                    "over the targets by gradient spectra before training")
     p.add_argument("--save-every", type=int, help="checkpoint every K steps (and at the end)")
     p.add_argument("--log-every", type=int, help="log loss and throughput every L steps")
-    p.add_argument("--eval-every", type=int, help="evaluate on the validation split every E steps (0: at the end)")
+    p.add_argument("--eval-every", type=int, help="evaluate on the validation split every E steps (default 200; 0: at the end only)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --output-dir")
     p.add_argument("--mesh", help="device mesh, e.g. data=4,fsdp=2 (default: all devices on data)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (LoRA and optimizer stay float32)")

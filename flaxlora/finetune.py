@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxlora import sharding, train
 from flaxlora.checkpoint import Checkpointer
@@ -137,30 +138,32 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
 
     start = int(state.step)
     bar = _progress(progress, start, total_steps)
-    window_tokens, window_examples, window_start = 0, 0, time.perf_counter()
+    window_tokens, window_examples, window_losses, window_start = 0, 0, [], time.perf_counter()
     train_seconds = 0.0
     for step in range(start + 1, total_steps + 1):
         batch = next(iterator)
         window_tokens += int(batch["attention_mask"].sum())
         window_examples += int(batch["weights"].sum())
         state, metrics = step_fn(state, frozen, sharding.global_batch(batch, mesh))
+        window_losses.append(metrics["loss"])  # stays on device: no sync per step
         if step % run.log_every == 0 or step == total_steps:
-            metrics = jax.device_get(metrics)
+            last = jax.device_get(metrics)
             elapsed = time.perf_counter() - window_start
             train_seconds += elapsed
-            record = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                      "lr": float(schedule(step - 1)), "tokens_per_s": window_tokens / elapsed,
-                      "examples_per_s": window_examples / elapsed, "epoch": step / steps_per_epoch}
+            record = {"step": step, "loss": float(np.mean(jax.device_get(window_losses))),
+                      "grad_norm": float(last["grad_norm"]), "lr": float(schedule(step - 1)),
+                      "tokens_per_s": window_tokens / elapsed, "examples_per_s": window_examples / elapsed,
+                      "epoch": step / steps_per_epoch}
             run_log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window_tokens, window_examples, window_start = 0, 0, time.perf_counter()
+            window_tokens, window_examples, window_losses, window_start = 0, 0, [], time.perf_counter()
         bar.update(1)
+        paused = time.perf_counter()  # evaluation and checkpoint time is not training time
         if run.eval_every and step % run.eval_every == 0 and step != total_steps:
             run_eval("validation", "eval")
-            window_start = time.perf_counter()
         if run.save_every and step % run.save_every == 0:
             save()
-            window_start = time.perf_counter()
+        window_start += time.perf_counter() - paused
     bar.close()
     if ckpt.latest_step() != int(state.step):
         save()

@@ -46,7 +46,7 @@ class RunConfig:
 
     seed: int = 0
     log_every: int = 20
-    eval_every: int = 0  # 0: evaluate at the end only
+    eval_every: int = 200  # evaluate on validation every this many steps (0: at the end only)
     save_every: int = 200
     keep_checkpoints: int = 3
     eval_batch_size: int = 64
