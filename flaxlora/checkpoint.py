@@ -31,7 +31,12 @@ class Checkpointer:
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"no checkpoint directory at {self.directory}")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("trainable", "train", "meta"))
+        handlers = {
+            "trainable": ocp.StandardCheckpointHandler(),
+            "train": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -65,7 +70,8 @@ class Checkpointer:
 
     def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
         """Restore the state at ``step`` (default: latest) into the structure, shapes and shardings of
-        ``target`` (a freshly initialised state, or its ``jax.eval_shape``), plus its metadata."""
+        ``target``, a freshly initialised state placed as the run wants it (any mesh), plus its
+        metadata."""
         step = self._step(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         train = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
@@ -82,10 +88,14 @@ class Checkpointer:
         return state, dict(restored["meta"])
 
     def restore_for_inference(self, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
-        """``(trainable, meta)`` at ``step`` (default: latest), without the optimizer state."""
+        """``(trainable, meta)`` at ``step`` (default: latest), without the optimizer state, on this
+        process's first device, whatever mesh the run was trained on."""
         step = self._step(step)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = self._manager.item_metadata(step)["trainable"]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved.tree)
         restored = self._manager.restore(
-            step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+            step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         )
         return restored["trainable"], dict(restored["meta"])
 

@@ -23,11 +23,12 @@ from flaxlora.lora import adapters_by_path, path_key
 PyTree = Any
 
 
-def _strip_collection(adapters: dict[str, Any]) -> dict[str, Any]:
-    """Adapters made from a ``{"params": ...}`` variables dict are named without that prefix."""
-    if adapters and all(p.startswith("params/") for p in adapters):
-        return {p.removeprefix("params/"): v for p, v in adapters.items()}
-    return adapters
+def _by_module_path(adapters: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """``{kernel path as the module sees it: (adapter path, adapter)}``: adapters made from a
+    ``{"params": ...}`` variables dict carry that prefix, which module paths lack. The config is
+    always consulted with the adapter path, as :func:`flaxlora.apply_lora` does."""
+    strip = bool(adapters) and all(p.startswith("params/") for p in adapters)
+    return {(p.removeprefix("params/") if strip else p): (p, a) for p, a in adapters.items()}
 
 
 def _contracted_axes(module: nn.Module, ndim: int) -> tuple[int, ...]:
@@ -60,7 +61,7 @@ def _lora_output(module, x, y, adapter, path, config, rng):
     kernel = module.get_variable("params", "kernel").astype(jnp.float32).reshape(a2.shape[0], -1)
     norm = variants.factored_column_norm(kernel, a2, b2, scale)
     factor = (adapter["magnitude"].reshape(-1) / jax.lax.stop_gradient(norm)).reshape(b.shape[1:]).astype(dtype)
-    bias = module.get_variable("params", "bias") if getattr(module, "use_bias", False) else 0
+    bias = module.get_variable("params", "bias").astype(dtype) if getattr(module, "use_bias", False) else 0
     return factor * (y - bias + delta) + bias
 
 
@@ -77,7 +78,7 @@ def lora_interceptor(
 
     Yields the set of adapter paths applied so far (to check that every target was reached).
     """
-    adapters = _strip_collection(adapters_by_path(lora_params))
+    adapters = _by_module_path(adapters_by_path(lora_params))
     applied: set[str] = set()
 
     def interceptor(next_fun, args, kwargs, context):
@@ -89,7 +90,8 @@ def lora_interceptor(
             return next_fun(*args, **kwargs)
         applied.add(path)
         y = next_fun(*args, **kwargs)
-        return _lora_output(module, args[0], y, adapters[path], path, config, rng)
+        adapter_path, adapter = adapters[path]
+        return _lora_output(module, args[0], y, adapter, adapter_path, config, rng)
 
     with nn.intercept_methods(interceptor):
         yield applied
@@ -111,7 +113,7 @@ def apply_factored(
     """
     with lora_interceptor(lora_params, config, rng=lora_rng) as applied:
         out = module.apply(variables, *args, **kwargs)
-    unreached = set(_strip_collection(adapters_by_path(lora_params))) - applied
+    unreached = set(_by_module_path(adapters_by_path(lora_params))) - applied
     if unreached:
         raise ValueError(f"adapters never applied on the factored path (not Dense kernels?): {sorted(unreached)[:5]}")
     return out

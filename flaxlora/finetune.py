@@ -115,14 +115,15 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     )
     iterator = TrainIterator(encoded["train"], run.batch_size, buckets, seed=run.seed,
                              process_index=jax.process_index(), process_count=jax.process_count())
-    if resume_step is not None:
+    state = jax.device_put(state, state_shardings)
+    if resume_step is not None:  # restored straight into the run's shardings
         state, meta = ckpt.restore(state, resume_step)
         iterator.restore(meta["data"])
-    state = jax.device_put(state, state_shardings)
     summary = summarize(frozen, state.trainable["lora"], run.lora, state.trainable["extras"])
     log.info("\n%s", summary)
 
-    run_log = RunLog(out, resume_step)
+    writer = jax.process_index() == 0  # one host writes the logs, results and plot
+    run_log = RunLog(out, resume_step, enabled=writer)
     merge_fn = jax.jit(lambda f, t: merge(f, t["lora"], run.lora, t["extras"]), out_shardings=frozen_shardings)
     eval_step = make_eval_step(pretrained.model, mesh, frozen_shardings)
 
@@ -193,8 +194,9 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
         "seed": run.seed,
         "run": run.to_dict(),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot_curves(run_log.records, out / "curves.png")
+    if writer:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        plot_curves(run_log.records, out / "curves.png")
     run_log.close()
     ckpt.close()
     return results

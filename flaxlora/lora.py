@@ -138,7 +138,9 @@ def apply_lora(params: PyTree, lora_params: PyTree, config: LoraConfig) -> PyTre
     Same structure, shapes and dtypes as ``params``; jit-able and differentiable w.r.t.
     ``lora_params``. Close over ``params`` and differentiate only ``lora_params``: the frozen
     weights then get no gradient. LoRA dropout is not applied here (see
-    :func:`flaxlora.lora_interceptor`).
+    :func:`flaxlora.lora_interceptor`). The merged kernel keeps the dtype of ``params``: with
+    bfloat16 params, updates below bfloat16's resolution of W round away, so keep params in
+    float32 (bf16 compute is fine) or use the factored path, which adds the update separately.
     """
     targets, adapters = matched_adapters(params, lora_params, config)
     flat = paths.flatten(params)

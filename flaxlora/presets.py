@@ -62,9 +62,9 @@ class RunConfig:
             (self.accum_steps >= 1 and self.batch_size % self.accum_steps == 0,
              f"batch_size {self.batch_size} must be a multiple of accum_steps {self.accum_steps}"),
             (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
-            (not self.buckets or (list(self.buckets) == sorted(set(self.buckets)) and self.buckets[-1] <= self.max_length
+            (not self.buckets or (list(self.buckets) == sorted(set(self.buckets)) and self.buckets[-1] == self.max_length
                                   and self.buckets[0] >= 1),
-             f"buckets must be increasing lengths <= max_length {self.max_length}, got {self.buckets}"),
+             f"buckets must be increasing lengths ending at max_length {self.max_length}, got {self.buckets}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
@@ -75,6 +75,8 @@ class RunConfig:
             (self.log_every >= 1 and self.save_every >= 0 and self.eval_every >= 0,
              "log_every must be >= 1, save_every and eval_every >= 0"),
             (self.rank_budget is None or self.rank_budget >= 1, f"rank_budget must be >= 1, got {self.rank_budget}"),
+            (self.lora.dropout == 0 or self.lora_path == "factored",
+             "LoRA dropout needs lora_path='factored' (the merged path has no adapter input to drop)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -79,6 +79,9 @@ def allocate_ranks(
 def with_ranks(config: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
     """``config`` with a per-target rank; alpha follows the rank so alpha/r (or alpha/sqrt r) stays
     what ``config`` gives at its base rank."""
+    if config.rank_pattern or config.alpha_pattern:
+        raise ValueError("rank allocation sets every target's rank and alpha: start from a config "
+                         "without rank_pattern / alpha_pattern")
     ratio = (lambda r: r / config.rank) if config.scaling == "standard" else (lambda r: (r / config.rank) ** 0.5)
     exact = lambda p: f"^{re.escape(p)}$"  # noqa: E731
     return config.replace(

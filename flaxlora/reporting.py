@@ -14,16 +14,24 @@ log = logging.getLogger(__name__)
 
 
 class RunLog:
-    """metrics.jsonl + TensorBoard; on resume, records after the restored step are dropped."""
+    """metrics.jsonl + TensorBoard; on resume, records after the restored step are dropped.
 
-    def __init__(self, output_dir: Path, resume_step: int | None):
+    Only the writing host (``enabled``, process 0 on several hosts) touches the files; every
+    host keeps ``records``.
+    """
+
+    def __init__(self, output_dir: Path, resume_step: int | None, enabled: bool = True):
         self.path = output_dir / "metrics.jsonl"
+        self.enabled = enabled
         records = []
         if resume_step is not None and self.path.exists():
             records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        if enabled:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
         self.records = records
         self._tb = None
+        if not enabled:
+            return
         try:
             from tensorboardX import SummaryWriter
 
@@ -33,6 +41,8 @@ class RunLog:
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:

@@ -53,8 +53,13 @@ def resolve_targets(params: PyTree, config: LoraConfig) -> dict[str, Target]:
         if config.rank_pattern or config.alpha_pattern:
             raise ValueError("LoraConfig.rank_pattern / alpha_pattern given but targets is None")
         return {}
+    candidates = paths.lora_candidates(params)
+    for field in ("in_axes", "stack_axes"):
+        for pattern, _ in getattr(config, field):
+            if not any(re.search(pattern, p) for p, _ in candidates):
+                raise ValueError(f"LoraConfig.{field} pattern {pattern!r} matches no parameter with >= 2 axes")
     targets: dict[str, Target] = {}
-    for path, shape in paths.lora_candidates(params):
+    for path, shape in candidates:
         if not re.search(config.targets, path):
             continue
         n_stack = first_match(config.stack_axes, path, 0)

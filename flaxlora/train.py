@@ -69,6 +69,8 @@ def logits_fn(model: nn.Module, config: LoraConfig, lora_path: str = "merged") -
     """
     if lora_path not in ("merged", "factored"):
         raise ValueError(f"lora_path must be 'merged' or 'factored', got {lora_path!r}")
+    if lora_path == "merged" and config.dropout > 0:
+        raise ValueError("LoRA dropout acts on the adapter's input: use lora_path='factored' with dropout > 0")
 
     def apply(frozen: PyTree, trainable: PyTree, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
         args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
@@ -133,7 +135,9 @@ def train_step(
         return (total_loss + loss, total_weight + weight, jax.tree.map(jnp.add, total_grads, grads)), None
 
     n = options.accum_steps
-    micro_batches = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+    # Strided micro-batches (rows i, i + n, ...): each stays split over all the devices that hold
+    # the batch, where contiguous blocks would each sit on 1/n of them and force all-gathers.
+    micro_batches = jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
     zeros = jax.tree.map(jnp.zeros_like, state.trainable)
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
     (loss, weight, grads), _ = jax.lax.scan(micro_grads, init, (micro_batches, jax.random.split(step_rng, n)))

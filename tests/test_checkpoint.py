@@ -64,3 +64,19 @@ def test_missing_checkpoints_are_named(tmp_path):
         with pytest.raises(FileNotFoundError, match=r"step 7 .*steps found: \[0\]"):
             ckpt.restore(state, step=7)
     assert os.listdir(tmp_path / "one") == ["0"]
+
+
+def test_inference_restore_on_another_device_count(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).with_name("eight_device_checkpoint.py")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    trainable, meta = Checkpointer(tmp_path / "ckpt", read_only=True).restore_for_inference()  # here: 1 device
+    a = trainable["lora"]["query"]["kernel"]["a"]
+    assert meta == {"x": 1} and len(a.sharding.device_set) == 1
+    assert float(np.asarray(a).sum()) == float(out.stdout.strip().splitlines()[-1])

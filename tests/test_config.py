@@ -68,3 +68,9 @@ def test_no_targets_means_extras_only():
     assert sum(x.size for x in jax.tree.leaves(extras)) == sum(x.size for x in jax.tree.leaves(params))
     merged = flaxlora.merge(params, {}, config, extras)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), merged, params))
+
+
+def test_layout_patterns_must_name_a_parameter():
+    _, params, _ = toy_setup()
+    with pytest.raises(ValueError, match="in_axes pattern 'outt/kernel' matches no parameter"):
+        flaxlora.init_lora(params, flaxlora.LoraConfig(targets="ffn", in_axes={"outt/kernel": 2}), jax.random.key(0))

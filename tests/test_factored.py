@@ -70,3 +70,20 @@ def test_factored_rejects_adapters_it_cannot_reach():
     lora = flaxlora.init_lora(params, config, jax.random.key(0))
     with pytest.raises(ValueError, match="table/embedding"):
         flaxlora.apply_factored(model, {"params": params}, lora, config, x)
+
+
+def test_factored_reads_the_config_with_the_adapter_paths():
+    model, params, x = toy_setup()
+    config = flaxlora.LoraConfig(rank=2, alpha=4.0, targets=r"(query|ffn)/kernel$", alpha_pattern={r"^params/ffn": 8.0})
+    lora = perturb_b(flaxlora.init_lora({"params": params}, config, jax.random.key(0)))
+    merged = model.apply(flaxlora.apply_lora({"params": params}, lora, config), x)
+    np.testing.assert_allclose(flaxlora.apply_factored(model, {"params": params}, lora, config, x), merged,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_merged_path_refuses_lora_dropout():
+    from flaxlora import train
+
+    model, _, _ = toy_setup()
+    with pytest.raises(ValueError, match="lora_path='factored'"):
+        train.logits_fn(model, flaxlora.LoraConfig(dropout=0.1), "merged")

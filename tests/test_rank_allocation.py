@@ -42,3 +42,9 @@ def test_allocation_on_a_model_keeps_the_budget_and_the_scale():
         assert allocated.scale_for(p) == pytest.approx(config.scale_for(p))  # alpha/r kept
     lora = flaxlora.init_lora(params, allocated, jax.random.key(0))
     assert {p: lora[p.split("/")[0]]["kernel"]["a"].shape[-1] for p in ranks} == ranks
+
+
+def test_allocation_refuses_existing_patterns():
+    config = flaxlora.LoraConfig(rank=2, targets="ffn", rank_pattern={"ffn": 1})
+    with pytest.raises(ValueError, match="without rank_pattern"):
+        rank_allocation.with_ranks(config, {"ffn/kernel": 2})
