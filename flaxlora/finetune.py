@@ -12,6 +12,7 @@ logs, checkpoints, evaluates and writes ``output_dir``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -106,6 +107,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     tx = lora_optimizer(schedule, loraplus_ratio=run.loraplus_ratio, weight_decay=run.weight_decay,
                         max_grad_norm=run.max_grad_norm)
     state, frozen = train.init_train_state(pretrained.params, run.lora, tx, jax.random.key(run.seed))
+    pretrained = dataclasses.replace(pretrained, params=None)  # only the (sharded) frozen copy stays alive
     frozen_shardings = sharding.logical_shardings(frozen, logical_partition_specs(pretrained.model), mesh, LOGICAL_AXIS_RULES)
     frozen = jax.device_put(frozen, frozen_shardings)
     apply = train.logits_fn(pretrained.model, run.lora, run.lora_path)
