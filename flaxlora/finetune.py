@@ -96,7 +96,10 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     log.info("%s\n%s", data.source, data.report.summary())
     pretrained = load_pretrained(run.model, num_labels=2, dtype=DTYPES[run.dtype], seed=run.seed)
     buckets = run.buckets or default_buckets(run.max_length)
-    encoded = {name: encode_split(data[name], pretrained, run) for name in data.splits if data[name].has_labels}
+    splits = {name: data[name] for name in data.splits if data[name].has_labels}
+    if run.eval_examples:
+        splits = {name: s if name == "train" else s.head(run.eval_examples) for name, s in splits.items()}
+    encoded = {name: encode_split(s, pretrained, run) for name, s in splits.items()}
 
     if run.rank_budget and resume_step is None:
         run = allocate_ranks(run, pretrained, encoded["train"], buckets)
@@ -184,7 +187,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
         "data_report": {"rows_read": data.report.rows_read, "malformed": dict(data.report.malformed),
                         "duplicates_dropped": data.report.duplicates_dropped},
         "examples": {name: len(e) for name, e in encoded.items()},
-        "positive_rate": {name: data[name].positive_rate for name in encoded},
+        "positive_rate": {name: splits[name].positive_rate for name in encoded},
         "steps": total_steps,
         "trainable_params": summary.trainable,
         "total_params": summary.total,

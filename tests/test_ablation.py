@@ -16,7 +16,7 @@ def test_ablation_table(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "experiments" / "ablation.py"), "--data-dir", str(data), "--arms", "lora", "head",
            "--seeds", "0", "1", "--max-steps", "2", "--batch-size", "8", "--max-length", "64", "--buckets", "64",
-           "--output-dir", str(out)]
+           "--eval-examples", "12", "--output-dir", str(out)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     table = json.loads((out / "table.json").read_text())
@@ -26,6 +26,8 @@ def test_ablation_table(tmp_path):
     assert lora["test_mcc"]["mean"] == sum(r["splits"]["test"]["mcc"] for r in runs) / 2
     assert lora["trainable_params"] < head["trainable_params"]  # the pooler (384 x 384) outweighs r=8 q,v
     assert lora["steps"] == 2 and lora["peak_rss_MiB"] > 100
+    assert runs[0]["examples"]["validation"] == runs[0]["examples"]["test"] == 12  # --eval-examples
+    assert runs[0]["examples"]["train"] > 200
     assert table["command"].startswith("python experiments/ablation.py --data-dir")
     assert "| lora: plain LoRA" in (out / "table.md").read_text() and (out / "mcc.png").stat().st_size > 1000
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # every run is done: nothing reruns

@@ -123,6 +123,14 @@ def test_bundled_sample_counts_and_splits(sample):
         assert 0.36 < split.positive_rate < 0.5  # Between the natural and balanced files' rates.
 
 
+def test_split_head_keeps_order_and_alignment(sample):
+    split = sample["validation"]
+    head = split.head(5)
+    assert len(head) == 5 and head.ids == split.ids[:5] and head.question2 == split.question2[:5]
+    np.testing.assert_array_equal(head.labels, split.labels[:5])
+    assert len(split.head(10**6)) == len(split)
+
+
 def test_bundled_sample_files_match_readme():
     readme = (SAMPLE_DIR / "README.md").read_text()
     for name, rows in SAMPLE_FILES.items():

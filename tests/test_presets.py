@@ -18,8 +18,29 @@ def test_presets_round_trip_through_json_dicts():
     (dict(dtype="float16"), "dtype must be"),
     (dict(learning_rate=0.0), "learning_rate must be > 0"),
     (dict(lora_path="fast"), "lora_path must be"),
+    (dict(eval_examples=0), "eval_examples must be >= 1"),
     (dict(lora=RunConfig().lora.replace(dropout=0.1)), "needs lora_path='factored'"),
 ])
 def test_invalid_run_configs_name_the_problem(changes, message):
     with pytest.raises(ValueError, match=message):
         RunConfig(**changes)
+
+
+@pytest.mark.parametrize("model", ["minilm", "smollm2"])
+def test_enhanced_preset_adapts_every_linear_layer_under_two_percent(model, request):
+    import jax
+
+    from flaxlora import paths
+    from flaxlora.lora import init_lora, trainable_params
+    from flaxlora.presets import ENHANCED_LORA, PLAIN_LORA
+    from flaxlora.summary import summarize
+
+    params = request.getfixturevalue(model).params
+    summaries = {
+        name: summarize(params, init_lora(params, config, jax.random.key(0)), config, trainable_params(params, config))
+        for name, config in (("plain", PLAIN_LORA), ("enhanced", ENHANCED_LORA))
+    }
+    assert summaries["plain"].trainable_fraction < summaries["enhanced"].trainable_fraction < 0.02
+    kernels = {p for p, leaf in paths.flatten(params).items() if p.endswith("/kernel") and leaf.ndim == 2}
+    adapted = {row[0] for row in summaries["enhanced"].rows}
+    assert adapted == {p for p in kernels if not p.startswith(("classifier", "score"))}

@@ -49,6 +49,10 @@ class QQPSplit:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def head(self, n: int) -> "QQPSplit":
+        """The first ``n`` pairs (the order is the split's hash order, so a fair subsample)."""
+        return QQPSplit(self.ids[:n], self.question1[:n], self.question2[:n], self.labels[:n])
+
     @property
     def has_labels(self) -> bool:
         return bool(np.all(self.labels != UNLABELLED))
