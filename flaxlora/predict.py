@@ -1,6 +1,6 @@
 """Inference from a saved run: ``flaxlora.restore(dir)`` and ``python -m flaxlora.predict``.
 
-    predictor = flaxlora.restore("runs/qqp-lora-s0-...")        # or its checkpoints/ folder
+    predictor = flaxlora.restore("runs/qqp-enhanced-s0-...")        # or its checkpoints/ folder
     predictor.predict_proba(["How do I learn Python?"], ["What is the best way to learn Python?"])
 
 The base model is rebuilt from the saved run configuration, the adapters and extras restored
