@@ -104,18 +104,19 @@ def baselines(base: RunConfig, prompt_pairs: int) -> dict[str, dict]:
     from flaxlora import baselines as b
     from flaxlora import prompting
     from flaxlora.data.qqp import load_qqp
+    from flaxlora.finetune import labelled_splits
     from flaxlora.loading import load_pretrained
 
-    data = load_qqp(base.data_dir, from_hub=base.from_hub)
-    splits = {k: data[k].head(base.eval_examples or len(data[k])) for k in ("validation", "test")}
+    labelled = labelled_splits(load_qqp(base.data_dir, from_hub=base.from_hub), base.eval_examples)
+    train = labelled["train"]
+    splits = {k: labelled[k] for k in ("validation", "test")}
     rows = {
-        "majority": {k: b.majority_class(data["train"], v) for k, v in splits.items()},
-        "tfidf_logreg": b.tfidf_logreg(data["train"], splits),
+        "majority": {k: b.majority_class(train, v) for k, v in splits.items()},
+        "tfidf_logreg": b.tfidf_logreg(train, splits),
     }
     pretrained = load_pretrained(base.model)
     if pretrained.kind != "decoder":
         return rows
-    train = data["train"]
     for shots in (0, 4):
         demos = prompting.pick_demonstrations(train.question1, train.question2, train.labels, shots)
         margins, labels = {}, {}

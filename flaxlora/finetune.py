@@ -46,6 +46,14 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints", "cache_dir")
 
 
+def labelled_splits(data, eval_examples: int | None = None) -> dict:
+    """The labelled splits of ``data``, every split but train cut to its first ``eval_examples``."""
+    splits = {name: data[name] for name in data.splits if data[name].has_labels}
+    if eval_examples:
+        splits = {name: s if name == "train" else s.head(eval_examples) for name, s in splits.items()}
+    return splits
+
+
 def encode_split(split, pretrained, run: RunConfig):
     return encode_pairs(
         pretrained.tokenizer, split.question1, split.question2, run.max_length, labels=split.labels,
@@ -96,9 +104,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     log.info("%s\n%s", data.source, data.report.summary())
     pretrained = load_pretrained(run.model, num_labels=2, dtype=DTYPES[run.dtype], seed=run.seed)
     buckets = run.buckets or default_buckets(run.max_length)
-    splits = {name: data[name] for name in data.splits if data[name].has_labels}
-    if run.eval_examples:
-        splits = {name: s if name == "train" else s.head(run.eval_examples) for name, s in splits.items()}
+    splits = labelled_splits(data, run.eval_examples)
     encoded = {name: encode_split(s, pretrained, run) for name, s in splits.items()}
 
     if run.rank_budget and resume_step is None:

@@ -26,12 +26,11 @@ class RunLog:
         records = []
         if resume_step is not None and self.path.exists():
             records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
-        if enabled:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
         self.records = records
         self._tb = None
         if not enabled:
             return
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
         try:
             from tensorboardX import SummaryWriter
 
