@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -25,18 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from flaxlora.config import LoraConfig  # noqa: E402
-from flaxlora.presets import (  # noqa: E402
-    ALL_LINEAR_POOLER_TARGETS as ALL_LINEAR_POOLER,
-    ALL_LINEAR_TARGETS as ALL_LINEAR,
-    BITFIT,
-    HEAD,
-    QV_TARGETS as QV,
-    RunConfig,
-)
+from flaxlora.lora.config import LoraConfig
+from flaxlora.qqp.config import ALL_LINEAR_POOLER_TARGETS as ALL_LINEAR_POOLER
+from flaxlora.qqp.config import ALL_LINEAR_TARGETS as ALL_LINEAR
+from flaxlora.qqp.config import BITFIT, HEAD, RunConfig
+from flaxlora.qqp.config import QV_TARGETS as QV
 
 # BitFit-style extras of the "extras" arm: every bias and norm, the pooler and the head.
 EXTRAS = r"^(classifier|score|bert/pooler)/|/bias$|LayerNorm/|layernorm/|^model/norm/"
@@ -81,7 +75,7 @@ ARMS: dict[str, tuple[str, Arm]] = {
 def qv_budget(run: RunConfig) -> int:
     """Plain LoRA's total rank: r times the number of q,v targets of ``run.model``."""
     from flaxlora.loading import load_pretrained
-    from flaxlora.targets import resolve_targets
+    from flaxlora.lora.targets import resolve_targets
 
     params = load_pretrained(run.model).params
     return run.lora.rank * len(resolve_targets(params, run.lora.replace(targets=QV)))
@@ -89,7 +83,7 @@ def qv_budget(run: RunConfig) -> int:
 
 def run_one(name: str, seed: int, base: RunConfig, out: Path) -> None:
     """One arm and seed, in this process; adds peak RSS to its results.json."""
-    from flaxlora.finetune import finetune
+    from flaxlora.qqp.run import finetune
 
     results = finetune(ARMS[name][1](base).replace(seed=seed), out, progress=False)
     results["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -101,11 +95,11 @@ def baselines(base: RunConfig, prompt_pairs: int) -> dict[str, dict]:
     """Majority class and TF-IDF + logistic regression; for a decoder, also zero- and 4-shot
     prompting on the first ``prompt_pairs`` pairs of each split, read at the natural threshold
     (Yes > No) and at the margin threshold that maximises validation MCC ("calibrated")."""
-    from flaxlora import baselines as b
-    from flaxlora import prompting
-    from flaxlora.data.qqp import load_qqp
-    from flaxlora.finetune import labelled_splits
     from flaxlora.loading import load_pretrained
+    from flaxlora.qqp import baselines as b
+    from flaxlora.qqp import prompting
+    from flaxlora.qqp.data import load_qqp
+    from flaxlora.qqp.run import labelled_splits
 
     labelled = labelled_splits(load_qqp(base.data_dir, from_hub=base.from_hub), base.eval_examples)
     train = labelled["train"]
@@ -227,7 +221,7 @@ def main() -> None:
             if (run_dir / "results.json").exists():
                 continue
             if run_dir.exists():  # an interrupted run: start it again from scratch
-                subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+                shutil.rmtree(run_dir)
             print(f"[{time.perf_counter() - started:7.0f} s] {name} seed {seed}", flush=True)
             subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name, str(seed)], check=True,
                            env=dict(os.environ, PYTHONUNBUFFERED="1"))

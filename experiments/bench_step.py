@@ -29,14 +29,15 @@ def measure(model_name: str, batch_size: int, seq_len: int, lora_path: str, dtyp
     import numpy as np
 
     import flaxlora
-    from flaxlora import sharding, train
-    from flaxlora.presets import PLAIN_LORA
+    from flaxlora import training
+    from flaxlora.qqp.config import PLAIN_LORA
+    from flaxlora.training import sharding
 
     pretrained = flaxlora.load_pretrained(model_name, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
     tx = flaxlora.lora_optimizer(1e-4)
-    state, frozen = train.init_train_state(pretrained.params, PLAIN_LORA, tx, jax.random.key(0))
+    state, frozen = training.init_train_state(pretrained.params, PLAIN_LORA, tx, jax.random.key(0))
     mesh = sharding.make_mesh(None)
-    step, shardings = train.jit_train_step(train.logits_fn(pretrained.model, PLAIN_LORA, lora_path), tx, mesh,
+    step, shardings = training.jit_train_step(training.logits_fn(pretrained.model, PLAIN_LORA, lora_path), tx, mesh,
                                            state, jax.tree.map(lambda _: sharding.replicated(mesh), frozen))
     rng = np.random.default_rng(0)
     batch = {

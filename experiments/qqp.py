@@ -18,9 +18,9 @@ import logging
 import sys
 import time
 
-from flaxlora.finetune import finetune
-from flaxlora.reporting import one_screen_summary
-from flaxlora.presets import PRESETS, RunConfig
+from flaxlora.qqp.config import PRESETS, RunConfig
+from flaxlora.qqp.reporting import one_screen_summary
+from flaxlora.qqp.run import finetune
 
 DEFAULT_PRESET = "enhanced"
 

@@ -1,31 +1,46 @@
-"""flaxlora: pure-functional LoRA fine-tuning for JAX/Flax transformers."""
+"""flaxlora: pure-functional LoRA fine-tuning for JAX/Flax transformers.
 
-from flaxlora.config import LoraConfig
-from flaxlora.factored import apply_factored, lora_interceptor
-from flaxlora.data import TrainIterator, default_buckets, encode_pairs, eval_batches, load_qqp
-from flaxlora.evaluate import evaluate
+    lora/       the LoRA core: configs, targets, init/apply/merge, variants, factored path, optimizer
+    models/     linen BERT/RoBERTa/MiniLM and Llama backbones with logical sharding axes
+    loading/    pretrained weights from HF folders, the hub and GGUF files
+    data/       text pairs -> token ids -> static-shape batches
+    training/   the jitted sharded train step, evaluation, metrics, checkpoints (task-agnostic)
+    interop/    PEFT adapters both ways, merged Hugging Face export, ``python -m flaxlora.export``
+    qqp/        the QQP application: data, run config and presets, run loop, predictor, baselines
+"""
+
+from flaxlora.data import TrainIterator, default_buckets, encode_pairs, eval_batches
 from flaxlora.lora import (
+    LoraConfig,
+    ParamSummary,
+    adapter_labels,
+    apply_factored,
     apply_lora,
     extract_lora,
+    freeze_labels,
     init_adapter,
     init_lora,
+    lora_candidates,
+    lora_interceptor,
+    lora_optimizer,
     merge,
     merge_pretrained,
+    resolve_targets,
+    summarize,
+    trainable_mask,
     trainable_params,
+    trainable_paths,
     unmerge,
 )
-from flaxlora.metrics import confusion_counts, metrics_from_counts
-from flaxlora.optim import adapter_labels, freeze_labels, lora_optimizer, trainable_mask
-from flaxlora.paths import lora_candidates
-from flaxlora.summary import ParamSummary, summarize
-from flaxlora.targets import resolve_targets, trainable_paths
+from flaxlora.qqp.data import load_qqp
+from flaxlora.training import confusion_counts, evaluate, metrics_from_counts
 
 __version__ = "0.1.0"
 
 
 # Entry points that pull in transformers, tokenizers and orbax are imported on first use.
 _LAZY = {
-    "restore": "flaxlora.predict",
+    "restore": "flaxlora.qqp.predict",
     "load_pretrained": "flaxlora.loading",
     "known_models": "flaxlora.loading",
     "Pretrained": "flaxlora.loading",

@@ -7,7 +7,7 @@ import pytest
 
 from flaxlora.loading import load_pretrained
 
-QQP_SAMPLE = importlib.resources.files("flaxlora.data") / "qqp_sample" / "glue_train_sample_a.tsv"
+QQP_SAMPLE = importlib.resources.files("flaxlora.qqp") / "qqp_sample" / "glue_train_sample_a.tsv"
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,14 @@ from test_models import tiny_bert
 from toy_models import toy_batches
 
 import flaxlora
-from flaxlora import sharding, train
-from flaxlora.models import LOGICAL_AXIS_RULES, init_params, logical_partition_specs, sequence_classifier
+from flaxlora import training
+from flaxlora.models import (
+    LOGICAL_AXIS_RULES,
+    init_params,
+    logical_partition_specs,
+    sequence_classifier,
+)
+from flaxlora.training import sharding
 
 CONFIG = flaxlora.LoraConfig(rank=4, alpha=8.0, targets=r"(query|value)/kernel$", trainable=r"^classifier/", dropout=0.1)
 
@@ -19,12 +25,12 @@ def losses(mesh):
     model = sequence_classifier(tiny_bert(num_labels=2, vocab_size=32))
     params = init_params(model, jax.random.key(0))
     tx = flaxlora.lora_optimizer(1e-2)
-    state, frozen = train.init_train_state(params, CONFIG, tx, jax.random.key(1))
+    state, frozen = training.init_train_state(params, CONFIG, tx, jax.random.key(1))
     frozen_shardings = sharding.logical_shardings(frozen, logical_partition_specs(model), mesh, LOGICAL_AXIS_RULES)
     frozen = jax.device_put(frozen, frozen_shardings)
-    apply = train.logits_fn(model, CONFIG, "factored")
-    step, state_shardings = train.jit_train_step(apply, tx, mesh, state, frozen_shardings,
-                                                 train.StepOptions(accum_steps=2))
+    apply = training.logits_fn(model, CONFIG, "factored")
+    step, state_shardings = training.jit_train_step(apply, tx, mesh, state, frozen_shardings,
+                                                 training.StepOptions(accum_steps=2))
     state = jax.device_put(state, state_shardings)
     out = []
     for b in toy_batches(6, batch_size=16, seed=1):

@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_ablation_table(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    rows = (ROOT / "flaxlora" / "data" / "qqp_sample" / "glue_train_sample_a.tsv").read_text().splitlines()[:301]
+    rows = (ROOT / "flaxlora" / "qqp" / "qqp_sample" / "glue_train_sample_a.tsv").read_text().splitlines()[:301]
     (data / "rows.tsv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "experiments" / "ablation.py"), "--data-dir", str(data), "--arms", "lora", "head",

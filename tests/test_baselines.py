@@ -3,8 +3,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from flaxlora import baselines
-from flaxlora.data.qqp import load_qqp
+from flaxlora.qqp import baselines
+from flaxlora.qqp.data import load_qqp
 
 
 @pytest.fixture(scope="module")

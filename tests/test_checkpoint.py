@@ -6,8 +6,8 @@ import pytest
 from toy_models import ToyClassifier, toy_batches
 
 import flaxlora
-from flaxlora import train
-from flaxlora.checkpoint import Checkpointer
+from flaxlora import training
+from flaxlora.training.checkpoint import Checkpointer
 
 CONFIG = flaxlora.LoraConfig(rank=4, alpha=8.0, targets=r"(query|value)/kernel$", trainable=r"^head/", dropout=0.1)
 
@@ -16,9 +16,9 @@ def setup():
     model = ToyClassifier(dropout=0.2)
     batches = toy_batches(8, seed=11)
     params = model.init(jax.random.key(0), batches[0]["input_ids"], batches[0]["attention_mask"])["params"]
-    tx = flaxlora.lora_optimizer(train.learning_rate_schedule(1e-2, 8, 2), loraplus_ratio=4.0)
-    state, frozen = train.init_train_state(params, CONFIG, tx, jax.random.key(1))
-    step = jax.jit(lambda s, f, b: train.train_step(s, f, b, apply=train.logits_fn(model, CONFIG, "factored"), tx=tx))
+    tx = flaxlora.lora_optimizer(training.learning_rate_schedule(1e-2, 8, 2), loraplus_ratio=4.0)
+    state, frozen = training.init_train_state(params, CONFIG, tx, jax.random.key(1))
+    step = jax.jit(lambda s, f, b: training.train_step(s, f, b, apply=training.logits_fn(model, CONFIG, "factored"), tx=tx))
     return state, frozen, step, batches
 
 

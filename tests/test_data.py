@@ -17,12 +17,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from flaxlora.data import tokenize
 from flaxlora.data.batching import TrainIterator, default_buckets, eval_batches
-from flaxlora.data.qqp import load_qqp, pair_key
 from flaxlora.data.tokenize import EncodedPairs, encode_pairs
+from flaxlora.qqp.data import load_qqp, pair_key
 
 HEADER = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
-SAMPLE_DIR = Path(str(importlib.resources.files("flaxlora.data") / "qqp_sample"))
-SAMPLE_FILES = {  # Rows per bundled file, as in flaxlora/data/qqp_sample/README.md.
+SAMPLE_DIR = Path(str(importlib.resources.files("flaxlora.qqp") / "qqp_sample"))
+SAMPLE_FILES = {  # Rows per bundled file, as in flaxlora/qqp/qqp_sample/README.md.
     "glue_dev_head9.tsv": 9,
     "glue_train_kshot_rows.tsv": 320,
     "glue_train_sample_a.tsv": 8999,

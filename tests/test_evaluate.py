@@ -3,8 +3,8 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, log_loss, matthews_corrcoef
 from toy_models import ToyClassifier, toy_batches
 
-from flaxlora import sharding
-from flaxlora.evaluate import evaluate, make_eval_step
+from flaxlora.training import sharding
+from flaxlora.training.evaluation import evaluate, make_eval_step
 
 
 def test_evaluate_matches_scikit_learn_on_the_same_predictions():
@@ -34,7 +34,7 @@ def test_evaluate_on_a_mesh_equals_single_device():
     batches = toy_batches(2, batch_size=16, seed=4)
     params = model.init(jax.random.key(0), batches[0]["input_ids"], batches[0]["attention_mask"])["params"]
     mesh = sharding.make_mesh(None, jax.devices()[:1])
-    shardings = sharding.fsdp_shardings(params, mesh)
+    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), params)
     on_mesh = evaluate(model, jax.device_put(params, shardings), batches, mesh=mesh, param_shardings=shardings)
     plain = evaluate(model, params, batches)
     assert on_mesh["n"] == plain["n"]

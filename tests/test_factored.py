@@ -82,8 +82,8 @@ def test_factored_reads_the_config_with_the_adapter_paths():
 
 
 def test_merged_path_refuses_lora_dropout():
-    from flaxlora import train
+    from flaxlora import training
 
     model, _, _ = toy_setup()
     with pytest.raises(ValueError, match="lora_path='factored'"):
-        train.logits_fn(model, flaxlora.LoraConfig(dropout=0.1), "merged")
+        training.logits_fn(model, flaxlora.LoraConfig(dropout=0.1), "merged")

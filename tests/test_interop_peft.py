@@ -15,20 +15,25 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
-
-import flaxlora
-from flaxlora import export
-from flaxlora.data.tokenize import encode_pairs
-from flaxlora.finetune import finetune
-from flaxlora.interop import classification_pad_token, hf_config, load_peft, save_merged, save_peft
-from flaxlora.loading.registry import resolve
-from flaxlora.models import RopeScaling, init_params, sequence_classifier
-from flaxlora.presets import HEAD, RunConfig
-
 from test_models import tiny_bert, tiny_llama
 
+import flaxlora
+from flaxlora.data.tokenize import encode_pairs
+from flaxlora.interop import (
+    classification_pad_token,
+    export,
+    hf_config,
+    load_peft,
+    save_merged,
+    save_peft,
+)
+from flaxlora.loading.registry import resolve
+from flaxlora.models import RopeScaling, init_params, sequence_classifier
+from flaxlora.qqp.config import HEAD, RunConfig
+from flaxlora.qqp.run import finetune
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "flaxlora" / "data" / "qqp_sample" / "glue_train_sample_a.tsv"
+SAMPLE = ROOT / "flaxlora" / "qqp" / "qqp_sample" / "glue_train_sample_a.tsv"
 PARITY = 1e-4  # max abs logit difference, fp32
 
 

@@ -15,12 +15,13 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch_file
 from test_models import tiny_bert, tiny_llama
+from toy_models import tied_lm_logits
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from flaxlora.loading import known_models, load_pretrained, to_hf
 from flaxlora.loading.gguf_file import hf_name, unpermute_rows
 from flaxlora.loading.registry import resolve
-from flaxlora.models import LlamaForCausalLM, RopeScaling, init_params, sequence_classifier
+from flaxlora.models import RopeScaling, init_params, sequence_classifier
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -213,12 +214,10 @@ def test_smollm2(smollm2):
 
 def test_smollm2_continues_a_prompt(smollm2):
     """A no-torch sanity check of the dequantised weights (test_parity_torch is the exact one)."""
-    lm = LlamaForCausalLM(smollm2.config)
-    step = jax.jit(lambda params, ids, mask: lm.apply({"params": params}, ids, mask))
     prompt = smollm2.tokenizer("The capital of France is")["input_ids"]
     ids, mask = np.zeros((1, len(prompt) + 2), np.int32), np.zeros((1, len(prompt) + 2), np.int32)
     ids[0, :len(prompt)], mask[0, :len(prompt)] = prompt, 1
     for n in range(len(prompt), ids.shape[1]):
-        logits = step({"model": smollm2.params["model"]}, ids, mask)
+        logits = tied_lm_logits(smollm2, ids, mask)
         ids[0, n], mask[0, n] = np.argmax(logits[0, n - 1]), 1
     assert smollm2.tokenizer.decode(ids[0, len(prompt):]) == " Paris."

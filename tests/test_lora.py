@@ -8,7 +8,7 @@ from flax import nnx
 from toy_models import TOY_IN_AXES, NnxMLP, perturb_b, toy_setup
 
 import flaxlora
-from flaxlora import paths
+from flaxlora import pytree
 
 ALL_TARGETS = r"(query|key|value|out|ffn|head)/kernel$"
 
@@ -64,7 +64,7 @@ def test_merged_kernel_is_w_plus_scaled_ab(scaling):
     ad = lora["out"]["kernel"]
     expected = params["out"]["kernel"] + s * jnp.einsum("hdr,ro->hdo", ad["a"], ad["b"])
     close(merged["out"]["kernel"], expected)
-    untouched = paths.flatten(merged)["norm/scale"]
+    untouched = pytree.flatten(merged)["norm/scale"]
     np.testing.assert_array_equal(untouched, params["norm"]["scale"])
 
 
@@ -85,8 +85,8 @@ def test_merge_then_unmerge_round_trip():
     merged = flaxlora.merge(params, lora, config)
     assert not np.allclose(model.apply({"params": merged}, x), model.apply({"params": params}, x))
     restored = flaxlora.unmerge(merged, lora, config)
-    for p, w in paths.flatten(params).items():
-        close(paths.flatten(restored)[p], w, tol=1e-5)
+    for p, w in pytree.flatten(params).items():
+        close(pytree.flatten(restored)[p], w, tol=1e-5)
 
 
 def test_extract_recovers_the_low_rank_update():
@@ -105,7 +105,7 @@ def test_merge_folds_trainable_extras():
     config = cfg(targets=r"query/kernel$", trainable=r"^head/")
     lora = flaxlora.init_lora(params, config, jax.random.key(0))
     extras = jax.tree.map(lambda w: w + 1.0, flaxlora.trainable_params(params, config))
-    assert set(paths.flatten(extras)) == {"head/bias", "head/kernel"}
+    assert set(pytree.flatten(extras)) == {"head/bias", "head/kernel"}
     merged = flaxlora.merge(params, lora, config, extras)
     close(merged["head"]["kernel"], params["head"]["kernel"] + 1.0)
 
@@ -119,8 +119,8 @@ def test_residual_inits_reconstruct_w_at_step_zero(init):
     assert float(jnp.abs(lora["ffn"]["kernel"]["b"]).max()) > 0
     assert not np.allclose(base["ffn"]["kernel"], params["ffn"]["kernel"])
     # ... but residual + adapter is the original weight, so the model is unchanged.
-    for p, w in paths.flatten(params).items():
-        close(paths.flatten(flaxlora.apply_lora(base, lora, config))[p], w, tol=2e-5)
+    for p, w in pytree.flatten(params).items():
+        close(pytree.flatten(flaxlora.apply_lora(base, lora, config))[p], w, tol=2e-5)
     close(model.apply({"params": flaxlora.apply_lora(base, lora, config)}, x), model.apply({"params": params}, x), 1e-4)
     with pytest.raises(ValueError, match="init_adapter"):
         flaxlora.init_lora(params, config, jax.random.key(0))
@@ -188,7 +188,7 @@ def test_only_lora_and_trainable_leaves_get_gradients():
         return jnp.sum(model.apply({"params": p}, x) ** 2)
 
     grads = jax.grad(loss)(trainable)
-    assert set(paths.flatten(grads)) == {
+    assert set(pytree.flatten(grads)) == {
         "lora/query/kernel/a", "lora/query/kernel/b", "lora/value/kernel/a", "lora/value/kernel/b",
         "extras/head/kernel", "extras/head/bias", "extras/norm/scale", "extras/norm/bias",
     }
@@ -248,7 +248,7 @@ def test_nnx_state_round_trip():
     dn = lora["down"]["kernel"]
     expected = h @ (model.down.kernel[...] + s * dn["a"] @ dn["b"]) + model.down.bias[...]
     close(merged(x), expected, tol=1e-5)
-    assert set(paths.flatten(flaxlora.trainable_params(state, config))) == {"norm/scale", "norm/bias"}
+    assert set(pytree.flatten(flaxlora.trainable_params(state, config))) == {"norm/scale", "norm/bias"}
 
 
 def test_apply_rejects_mismatched_adapters():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from flaxlora.metrics import confusion_counts, metrics_from_counts
+from flaxlora.training.metrics import confusion_counts, metrics_from_counts
 
 
 def _reference(predicted, labels, weights):

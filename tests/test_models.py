@@ -15,7 +15,6 @@ from flaxlora.models import (
     LOGICAL_AXIS_RULES,
     BertConfig,
     LlamaConfig,
-    LlamaForCausalLM,
     RopeScaling,
     config_from_hf,
     init_params,
@@ -208,23 +207,6 @@ def test_bfloat16_compute(name):
     np.testing.assert_allclose(np.asarray(hidden, np.float32), reference, atol=0.1)
     stored = init_params(sequence_classifier(config, param_dtype=jnp.bfloat16), jax.random.key(0))
     assert {v.dtype for v in jax.tree.leaves(stored)} == {jnp.dtype(jnp.bfloat16)}
-
-
-def test_causal_lm_head_is_tied_or_separate():
-    tied = LlamaForCausalLM(tiny_llama(tie_word_embeddings=True))
-    params = init_params(tied, jax.random.key(0))
-    assert "lm_head" not in params
-    ids = jnp.array([[3, 4, 5]])
-
-    @jax.jit
-    def logits_and_hidden(params):
-        return (tied.apply({"params": params}, ids),
-                tied.apply({"params": params}, ids, method=lambda m, i: m.model(i)))
-
-    logits, hidden = logits_and_hidden(params)
-    np.testing.assert_allclose(logits, hidden @ params["model"]["embed_tokens"]["embedding"].T, atol=1e-5)
-    untied = init_params(LlamaForCausalLM(tiny_llama()), jax.random.key(0))
-    assert untied["lm_head"]["kernel"].shape == (32, 64)
 
 
 def test_config_from_hf_reads_both_rope_spellings():

@@ -6,7 +6,7 @@ import pytest
 from toy_models import toy_setup
 
 import flaxlora
-from flaxlora import paths
+from flaxlora import pytree
 
 
 def trainable_tree(use_dora=False):
@@ -18,7 +18,7 @@ def trainable_tree(use_dora=False):
 
 def test_labels_separate_a_b_magnitude_and_decay_groups():
     _, _, tree = trainable_tree(use_dora=True)
-    labels = paths.flatten(flaxlora.adapter_labels(tree))
+    labels = pytree.flatten(flaxlora.adapter_labels(tree))
     assert labels["lora/query/kernel/a"] == "lora_a"
     assert labels["lora/query/kernel/b"] == "lora_b"
     assert labels["lora/ffn/kernel/magnitude"] == "magnitude"
@@ -40,7 +40,7 @@ def test_loraplus_ratio_scales_the_b_update():
     updates, _ = flaxlora.lora_optimizer(lr, loraplus_ratio=ratio).update(
         grads, flaxlora.lora_optimizer(lr, loraplus_ratio=ratio).init(tree), tree
     )
-    u = paths.flatten(updates)
+    u = pytree.flatten(updates)
     # Adam's first step moves every coordinate by about lr: b's by ratio * lr.
     np.testing.assert_allclose(np.abs(u["lora/ffn/kernel/a"]), lr, rtol=1e-3)
     np.testing.assert_allclose(np.abs(u["lora/ffn/kernel/b"]), ratio * lr, rtol=1e-3)
@@ -52,7 +52,7 @@ def test_loraplus_with_a_schedule():
     schedule = optax.linear_schedule(1e-3, 0.0, 10)
     tx = flaxlora.lora_optimizer(schedule, loraplus_ratio=4.0)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.1), tree)
-    u = paths.flatten(tx.update(grads, tx.init(tree), tree)[0])
+    u = pytree.flatten(tx.update(grads, tx.init(tree), tree)[0])
     np.testing.assert_allclose(np.abs(u["lora/ffn/kernel/b"]), 4e-3, rtol=1e-3)
 
 
@@ -61,7 +61,7 @@ def test_weight_decay_skips_biases_norms_and_magnitudes():
     tree = jax.tree.map(lambda x: jnp.ones_like(x), tree)
     zeros = jax.tree.map(jnp.zeros_like, tree)
     tx = flaxlora.lora_optimizer(1.0, weight_decay=0.1)
-    u = paths.flatten(tx.update(zeros, tx.init(tree), tree)[0])
+    u = pytree.flatten(tx.update(zeros, tx.init(tree), tree)[0])
     for decayed in ("lora/ffn/kernel/a", "lora/ffn/kernel/b", "extras/head/kernel"):
         np.testing.assert_allclose(u[decayed], -0.1)
     for kept in ("lora/ffn/kernel/magnitude", "extras/head/bias", "extras/norm/scale"):
@@ -79,7 +79,7 @@ def test_gradient_clipping_happens_before_adam():
             if clip_by_hand:
                 g = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())[0]
             u, state = tx.update(g, state, tree)
-            out.append(paths.flatten(u)["lora/ffn/kernel/b"])
+            out.append(pytree.flatten(u)["lora/ffn/kernel/b"])
         return out
 
     clipped = two_steps(flaxlora.lora_optimizer(1e-3, max_grad_norm=1.0))
@@ -94,12 +94,12 @@ def test_gradient_clipping_happens_before_adam():
 def test_freeze_labels_mask_the_full_tree():
     params, config, tree = trainable_tree()
     labels = {"params": flaxlora.freeze_labels(params, config), "lora": jax.tree.map(lambda _: "trainable", tree["lora"])}
-    flat = paths.flatten(labels)
+    flat = pytree.flatten(labels)
     assert flat["params/head/kernel"] == "trainable" and flat["params/ffn/kernel"] == "frozen"
     tx = optax.multi_transform({"trainable": optax.sgd(1.0), "frozen": optax.set_to_zero()}, labels)
     full = {"params": params, "lora": tree["lora"]}
     grads = jax.tree.map(jnp.ones_like, full)
-    updates = paths.flatten(tx.update(grads, tx.init(full), full)[0])
+    updates = pytree.flatten(tx.update(grads, tx.init(full), full)[0])
     assert float(jnp.abs(updates["params/ffn/kernel"]).max()) == 0.0
     assert float(jnp.abs(updates["params/head/kernel"]).min()) == 1.0
     assert float(jnp.abs(updates["lora/ffn/kernel/a"]).min()) == 1.0

@@ -2,16 +2,16 @@
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 from test_models import tiny_llama, tiny_roberta
+from toy_models import tied_lm_logits
 
 from flaxlora.loading import params_from_hf, to_hf
 from flaxlora.loading.registry import resolve
-from flaxlora.models import LlamaForCausalLM, RopeScaling, sequence_classifier
+from flaxlora.models import RopeScaling, sequence_classifier
 from flaxlora.models.llama import rope_frequencies
 
 LLAMA3_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -69,9 +69,7 @@ def test_minilm_classifier_logits_match_torch(minilm, minilm_batch):
 def test_smollm2_logits_match_transformers_gguf(smollm2, qqp_pairs):
     first, second = map(list, zip(*qqp_pairs[:4]))
     batch = smollm2.tokenizer(first, second, padding=True, return_tensors="np")
-    lm = LlamaForCausalLM(smollm2.config)
-    ours = jax.jit(lm.apply)({"params": {"model": smollm2.params["model"]}}, batch["input_ids"],
-                             batch["attention_mask"])
+    ours = tied_lm_logits(smollm2, batch["input_ids"], batch["attention_mask"])
     gguf = resolve("smollm2-135m")
     reference = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
     with torch.no_grad():

@@ -1,6 +1,6 @@
 import pytest
 
-from flaxlora.presets import PRESETS, RunConfig
+from flaxlora.qqp.config import PRESETS, RunConfig
 
 
 def test_presets_round_trip_through_json_dicts():
@@ -30,10 +30,10 @@ def test_invalid_run_configs_name_the_problem(changes, message):
 def test_enhanced_preset_adapts_every_linear_layer_under_two_percent(model, request):
     import jax
 
-    from flaxlora import paths
-    from flaxlora.lora import init_lora, trainable_params
-    from flaxlora.presets import ENHANCED_LORA, PLAIN_LORA
-    from flaxlora.summary import summarize
+    from flaxlora import pytree
+    from flaxlora.lora.adapters import init_lora, trainable_params
+    from flaxlora.lora.summary import summarize
+    from flaxlora.qqp.config import ENHANCED_LORA, PLAIN_LORA
 
     params = request.getfixturevalue(model).params
     summaries = {
@@ -41,6 +41,6 @@ def test_enhanced_preset_adapts_every_linear_layer_under_two_percent(model, requ
         for name, config in (("plain", PLAIN_LORA), ("enhanced", ENHANCED_LORA))
     }
     assert summaries["plain"].trainable_fraction < summaries["enhanced"].trainable_fraction < 0.02
-    kernels = {p for p, leaf in paths.flatten(params).items() if p.endswith("/kernel") and leaf.ndim == 2}
+    kernels = {p for p, leaf in pytree.flatten(params).items() if p.endswith("/kernel") and leaf.ndim == 2}
     adapted = {row[0] for row in summaries["enhanced"].rows}
     assert adapted == {p for p in kernels if not p.startswith(("classifier", "score"))}

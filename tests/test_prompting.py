@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from flaxlora import prompting
+from flaxlora.qqp import prompting
 
 
 def test_chat_prompt_and_demonstrations():

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import flaxlora
-from flaxlora.checkpoint import Checkpointer
-from flaxlora.data.qqp import load_qqp
+from flaxlora.qqp.data import load_qqp
+from flaxlora.training.checkpoint import Checkpointer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "flaxlora" / "data" / "qqp_sample" / "glue_train_sample_a.tsv"
+SAMPLE = ROOT / "flaxlora" / "qqp" / "qqp_sample" / "glue_train_sample_a.tsv"
 SCRIPT = ROOT / "experiments" / "qqp.py"
 
 
@@ -86,7 +86,7 @@ def test_kill_9_then_resume_is_bitwise_exact(data_dir, finished_run, tmp_path):
     load_script().main(flags(data_dir, out, "--resume"))
     with Checkpointer(finished_run[0] / "checkpoints", read_only=True) as a, Checkpointer(out / "checkpoints", read_only=True) as b:
         (ta, _), (tb, _) = a.restore_for_inference(8), b.restore_for_inference(8)
-    flat_a, flat_b = flaxlora.paths.flatten(ta), flaxlora.paths.flatten(tb)
+    flat_a, flat_b = flaxlora.pytree.flatten(ta), flaxlora.pytree.flatten(tb)
     assert flat_a.keys() == flat_b.keys()
     for key in flat_a:
         np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
@@ -153,7 +153,7 @@ def test_importance_rank_allocation_run_restores_and_resumes(data_dir, tmp_path)
     script.main(flags(data_dir, out, *budget, "--max-steps", "2"))
     with Checkpointer(out / "checkpoints", read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference()
-    ranks = {p: a.shape[-1] for p, a in flaxlora.paths.flatten(trainable["lora"]).items() if p.endswith("/a")}
+    ranks = {p: a.shape[-1] for p, a in flaxlora.pytree.flatten(trainable["lora"]).items() if p.endswith("/a")}
     assert len(ranks) == 18 and sum(ranks.values()) == 40
     assert len(set(ranks.values())) > 1, "the allocation gave every target the same rank"
     assert flaxlora.LoraConfig(**meta["run"]["lora"]).rank_for(next(iter(ranks))[: -len("/a")]) == next(iter(ranks.values()))

@@ -5,7 +5,7 @@ import pytest
 from toy_models import ToyClassifier, toy_batches
 
 import flaxlora
-from flaxlora import rank_allocation
+from flaxlora.lora import rank_allocation
 
 
 def test_greedy_allocation_follows_the_spectra():

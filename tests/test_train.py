@@ -11,7 +11,8 @@ import pytest
 from toy_models import ToyClassifier, toy_batches
 
 import flaxlora
-from flaxlora import paths, sharding, train
+from flaxlora import pytree, training
+from flaxlora.training import sharding
 
 CONFIG = flaxlora.LoraConfig(rank=4, alpha=8.0, targets=r"(query|value)/kernel$", trainable=r"^head/")
 
@@ -21,13 +22,13 @@ def setup(model=None, lr=1e-2, seed=0):
     batch = toy_batches(1)[0]
     params = model.init(jax.random.key(seed), batch["input_ids"], batch["attention_mask"])["params"]
     tx = flaxlora.lora_optimizer(lr, loraplus_ratio=4.0)
-    state, frozen = train.init_train_state(params, CONFIG, tx, jax.random.key(seed + 1))
+    state, frozen = training.init_train_state(params, CONFIG, tx, jax.random.key(seed + 1))
     return model, params, tx, state, frozen
 
 
-def run(model, tx, state, frozen, batches, lora_path="merged", options=train.StepOptions()):
-    step = jax.jit(lambda s, f, b: train.train_step(
-        s, f, b, apply=train.logits_fn(model, CONFIG, lora_path), tx=tx, options=options))
+def run(model, tx, state, frozen, batches, lora_path="merged", options=training.StepOptions()):
+    step = jax.jit(lambda s, f, b: training.train_step(
+        s, f, b, apply=training.logits_fn(model, CONFIG, lora_path), tx=tx, options=options))
     losses = []
     for b in batches:
         state, metrics = step(state, frozen, b)
@@ -40,9 +41,9 @@ def test_training_lowers_the_loss_and_leaves_the_base_alone():
     state, losses = run(model, tx, state, frozen, toy_batches(40, seed=1))
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
     assert int(state.step) == 40
-    for p, w in paths.flatten(frozen).items():
-        np.testing.assert_array_equal(w, paths.flatten(params)[p])
-    assert set(paths.flatten(state.trainable)) == {
+    for p, w in pytree.flatten(frozen).items():
+        np.testing.assert_array_equal(w, pytree.flatten(params)[p])
+    assert set(pytree.flatten(state.trainable)) == {
         "lora/query/kernel/a", "lora/query/kernel/b", "lora/value/kernel/a", "lora/value/kernel/b",
         "extras/head/kernel", "extras/head/bias"}
 
@@ -51,7 +52,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     model, _, tx, state, frozen = setup()
     batches = toy_batches(3, batch_size=16, seed=2)
     big, big_losses = run(model, tx, state, frozen, batches)
-    acc, acc_losses = run(model, tx, state, frozen, batches, options=train.StepOptions(accum_steps=4))
+    acc, acc_losses = run(model, tx, state, frozen, batches, options=training.StepOptions(accum_steps=4))
     np.testing.assert_allclose(acc_losses, big_losses, rtol=1e-5)
     for x, y in zip(jax.tree.leaves(acc.trainable), jax.tree.leaves(big.trainable)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
@@ -79,8 +80,8 @@ def test_padding_rows_do_not_change_the_step():
 def test_dropout_keys_depend_on_the_step_only():
     model, _, tx, state, frozen = setup(model=ToyClassifier(dropout=0.3))
     config = CONFIG.replace(dropout=0.2)
-    apply = train.logits_fn(model, config, "factored")
-    step = jax.jit(lambda s, f, b: train.train_step(s, f, b, apply=apply, tx=tx))
+    apply = training.logits_fn(model, config, "factored")
+    step = jax.jit(lambda s, f, b: training.train_step(s, f, b, apply=apply, tx=tx))
     batch = toy_batches(1, seed=5)[0]
     (_, ma), (_, mb) = step(state, frozen, batch), step(state, frozen, batch)
     assert float(ma["loss"]) == float(mb["loss"])
@@ -89,15 +90,15 @@ def test_dropout_keys_depend_on_the_step_only():
 
 
 def test_schedule_warms_up_then_decays():
-    schedule = train.learning_rate_schedule(1e-3, total_steps=100, warmup_steps=10)
+    schedule = training.learning_rate_schedule(1e-3, total_steps=100, warmup_steps=10)
     assert float(schedule(0)) == 0.0
     assert float(schedule(10)) == pytest.approx(1e-3)
     assert float(schedule(55)) == pytest.approx(5e-4)
     assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
-    cosine = train.learning_rate_schedule(1e-3, 100, 10, decay="cosine")
+    cosine = training.learning_rate_schedule(1e-3, 100, 10, decay="cosine")
     assert float(cosine(55)) == pytest.approx(5e-4, rel=1e-3)
     with pytest.raises(ValueError, match="decay"):
-        train.learning_rate_schedule(1e-3, 100, 10, decay="step")
+        training.learning_rate_schedule(1e-3, 100, 10, decay="step")
 
 
 def test_mesh_specs():
@@ -130,13 +131,13 @@ def test_bfloat16_compute_keeps_lora_and_optimizer_in_float32():
     params = init_params(model, jax.random.key(0))
     tx = flaxlora.lora_optimizer(1e-2)
     config = CONFIG.replace(trainable=r"^classifier/")
-    state, frozen = train.init_train_state(params, config, tx, jax.random.key(1))
-    step = jax.jit(lambda s, f, b: train.train_step(s, f, b, apply=train.logits_fn(model, config), tx=tx))
+    state, frozen = training.init_train_state(params, config, tx, jax.random.key(1))
+    step = jax.jit(lambda s, f, b: training.train_step(s, f, b, apply=training.logits_fn(model, config), tx=tx))
     losses = []
     for batch in toy_batches(8, seed=9):
         state, metrics = step(state, frozen, batch)
         losses.append(float(metrics["loss"]))
     assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])
     assert {x.dtype for x in jax.tree.leaves((state.trainable, state.opt_state)) if x.ndim} == {jnp.dtype("float32")}
-    logits = train.logits_fn(model, config)(frozen, state.trainable, toy_batches(1)[0])
+    logits = training.logits_fn(model, config)(frozen, state.trainable, toy_batches(1)[0])
     assert logits.dtype == jnp.bfloat16

@@ -87,3 +87,11 @@ def toy_batches(n_batches: int, batch_size: int = 16, seq: int = 8, seed: int = 
         out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
                     "labels": hit.astype(np.int32), "weights": weights})
     return out
+
+
+def tied_lm_logits(pretrained, ids, mask):
+    """(batch, len, vocab) next-token logits of a decoder with tied embeddings: hidden @ table.T."""
+    def logits(params, ids, mask):
+        hidden = pretrained.model.apply({"params": params}, ids, mask, method="hidden_states")
+        return hidden @ params["model"]["embed_tokens"]["embedding"].T
+    return jax.jit(logits)(pretrained.params, ids, mask)

@@ -1,33 +1,31 @@
-"""QQP data: loading and splitting, tokenisation with an on-disk cache, static-shape batching."""
+"""Labelled text pairs for any pair-classification task: raw tables, tokenisation, batches.
+
+    tables.py     rows of TSV / CSV / parquet files, unvalidated
+    tokenize.py   question pairs -> token ids (encoder pair template or decoder prompt), cached
+    batching.py   where a batch is made: length buckets, resumable shuffled train batches, eval batches
+
+QQP's columns, labels, splits and bundled sample live in :mod:`flaxlora.qqp`.
+"""
 
 from flaxlora.data.batching import Batch, TrainIterator, default_buckets, eval_batches
-from flaxlora.data.qqp import (
-    SPLITS,
-    UNLABELLED,
-    LoadReport,
-    QQPData,
-    QQPSplit,
-    load_qqp,
-    pair_key,
-    split_of,
+from flaxlora.data.tables import Table
+from flaxlora.data.tokenize import (
+    PROMPT,
+    EncodedPairs,
+    default_cache_dir,
+    encode_pairs,
+    pair_format_for,
 )
-from flaxlora.data.tokenize import PROMPT, EncodedPairs, default_cache_dir, encode_pairs
 
 __all__ = [
     "Batch",
     "EncodedPairs",
-    "LoadReport",
     "PROMPT",
-    "QQPData",
-    "QQPSplit",
-    "SPLITS",
+    "Table",
     "TrainIterator",
-    "UNLABELLED",
     "default_buckets",
     "default_cache_dir",
     "encode_pairs",
     "eval_batches",
-    "load_qqp",
-    "pair_key",
-    "split_of",
+    "pair_format_for",
 ]

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import transformers
 from safetensors.numpy import save_file
-from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
 
-from flaxlora import paths
+from flaxlora import pytree
 from flaxlora.loading import Pretrained, to_hf
 from flaxlora.models import LlamaConfig
 from flaxlora.models.auto import Config
@@ -69,7 +71,7 @@ def classification_pad_token(tokenizer: transformers.PreTrainedTokenizerBase) ->
 
 
 def save_merged(
-    folder: str | os.PathLike, pretrained: Pretrained, params: paths.PyTree, labels: Sequence[str] | None = None
+    folder: str | os.PathLike, pretrained: Pretrained, params: pytree.PyTree, labels: Sequence[str] | None = None
 ) -> None:
     """Write the classifier ``pretrained.model`` with merged ``params`` as a Hugging Face folder.
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from flaxlora import paths
+from flaxlora import pytree
 from flaxlora.loading import to_hf
-
-PyTree = paths.PyTree
+from flaxlora.pytree import PyTree
 
 
 def tensor_name(path: str) -> str:
     """'bert/encoder/layer/0/attention/self/query/kernel' -> 'bert.encoder.layer.0.attention.self.query.weight'."""
-    (name,) = to_hf(paths.unflatten({path: np.zeros(())}))
+    (name,) = to_hf(pytree.unflatten({path: np.zeros(())}))
     return name
 
 
@@ -23,7 +22,7 @@ def module_name(path: str) -> str:
 
 def tensor_names(params: PyTree) -> dict[str, str]:
     """``{tensor name: params path}`` for every leaf of ``params``."""
-    return {tensor_name(p): p for p in paths.flatten(params)}
+    return {tensor_name(p): p for p in pytree.flatten(params)}
 
 
 def ancestors(module: str) -> list[str]:

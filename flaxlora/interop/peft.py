@@ -46,15 +46,22 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
-from flaxlora import paths, variants
-from flaxlora.config import LoraConfig
-from flaxlora.lora import merge_pretrained
+from flaxlora import pytree
 from flaxlora.interop.names import ancestors, module_name, tensor_name, tensor_names
 from flaxlora.loading import to_hf
 from flaxlora.loading.hf_folder import read_safetensors
-from flaxlora.lora import matched_adapters, adapters_by_path, init_adapter, with_extras
+from flaxlora.lora import variants
+from flaxlora.lora.adapters import (
+    adapters_by_path,
+    init_adapter,
+    matched_adapters,
+    merge_pretrained,
+    with_extras,
+)
+from flaxlora.lora.config import LoraConfig
+from flaxlora.lora.targets import lora_candidates
+from flaxlora.pytree import PyTree
 
-PyTree = paths.PyTree
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -113,13 +120,13 @@ def _targeted(target_modules: str | Iterable[str], module: str) -> bool:
 
 
 def _all_modules(params: PyTree) -> set[str]:
-    return {m for p in paths.flatten(params) for m in ancestors(module_name(p))}
+    return {m for p in pytree.flatten(params) for m in ancestors(module_name(p))}
 
 
 def _saved_leaves(params: PyTree, modules_to_save: Iterable[str]) -> list[str]:
     """Params paths PEFT saves for ``modules_to_save``: every parameter of every wrapped module."""
     modules_to_save = tuple(modules_to_save)
-    return [p for p in paths.flatten(params) if _wrapped(module_name(p), modules_to_save)]
+    return [p for p in pytree.flatten(params) if _wrapped(module_name(p), modules_to_save)]
 
 
 def _target_modules(targets: set[str], modules: set[str], modules_to_save: list[str]) -> list[str]:
@@ -192,13 +199,13 @@ def save_peft(
         raise ValueError("the run trained no LoRA adapters (targets=None), which PEFT cannot load as an "
                          "adapter: export the merged model instead")
     targets, adapters = matched_adapters(params, lora, config)
-    flat = paths.flatten(params)
+    flat = pytree.flatten(params)
     bad = [p for p, t in targets.items() if t.stack or flat[p].ndim != 2 or not p.endswith("/kernel")]
     if bad:
         raise ValueError(f"PEFT adapts 2-D Linear weights; these targets are not: {bad[:5]}")
     modules = {module_name(p): p for p in targets}
     all_modules = _all_modules(params)
-    trained = list(paths.flatten(extras)) if extras else []
+    trained = list(pytree.flatten(extras)) if extras else []
     unknown = sorted(set(trained) - set(flat))
     if unknown:
         raise ValueError(f"extras {unknown[:5]} are not parameters of the base model")
@@ -221,7 +228,7 @@ def save_peft(
         if config.use_dora:
             tensors[f"{PREFIX}{m}.lora_magnitude_vector"] = ad["magnitude"]
     full = with_extras(params, extras)
-    saved = to_hf(paths.select(full, _saved_leaves(full, modules_to_save)))
+    saved = to_hf(pytree.select(full, _saved_leaves(full, modules_to_save)))
     tensors.update({PREFIX + name: np.asarray(value, np.float32) for name, value in saved.items()})
 
     rank, alpha = config.rank * factor, config.alpha * alpha_factor
@@ -336,7 +343,7 @@ def _targets_regex(targets: Iterable[str], params: PyTree) -> str:
     targets = set(targets)
     short = sorted({p.split("/")[-2] for p in targets})
     regex = rf"(^|/)({'|'.join(map(re.escape, short))})/kernel$"
-    if {p for p, _ in paths.lora_candidates(params) if re.search(regex, p)} == targets:
+    if {p for p, _ in lora_candidates(params) if re.search(regex, p)} == targets:
         return regex
     return rf"^({'|'.join(map(re.escape, sorted(targets)))})$"
 
@@ -357,7 +364,7 @@ def load_peft(folder: str | os.PathLike, params: PyTree) -> PeftAdapter:
     lora_parts, saved = _split(_read_tensors(folder))
     if not lora_parts:
         raise ValueError(f"{folder / WEIGHTS_FILE} holds no LoRA tensors (lora_A / lora_B)")
-    flat = paths.flatten(params)
+    flat = pytree.flatten(params)
     kernels = {module_name(p): p for p in flat if p.endswith("/kernel") and np.ndim(flat[p]) == 2}
     unknown = sorted(set(lora_parts) - set(kernels))
     if unknown:
@@ -413,7 +420,7 @@ def load_peft(folder: str | os.PathLike, params: PyTree) -> PeftAdapter:
         use_dora=use_dora,
         trainable=rf"^({'|'.join(sorted({re.escape(p.rpartition('/')[0]) for p in extras}))})/" if extras else None,
     )
-    lora_tree = paths.unflatten({f"{p}/{k}": v for p, ad in lora.items() for k, v in ad.items()})
+    lora_tree = pytree.unflatten({f"{p}/{k}": v for p, ad in lora.items() for k, v in ad.items()})
     matched_adapters(params, lora_tree, config)
-    return PeftAdapter(lora=lora_tree, extras=paths.unflatten(extras), config=config)
+    return PeftAdapter(lora=lora_tree, extras=pytree.unflatten(extras), config=config)
 

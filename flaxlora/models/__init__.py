@@ -17,8 +17,12 @@ from flaxlora.models.bert import (
     RobertaForSequenceClassification,
 )
 from flaxlora.models.config import BertConfig, LlamaConfig, RopeScaling
-from flaxlora.models.llama import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
-from flaxlora.models.partitioning import LOGICAL_AXIS_RULES, init_params, logical_partition_specs
+from flaxlora.models.llama import LlamaForSequenceClassification, LlamaModel
+from flaxlora.models.partitioning import (
+    LOGICAL_AXIS_RULES,
+    init_params,
+    logical_partition_specs,
+)
 
 __all__ = [
     "LOGICAL_AXIS_RULES",
@@ -26,7 +30,6 @@ __all__ = [
     "BertForSequenceClassification",
     "BertModel",
     "LlamaConfig",
-    "LlamaForCausalLM",
     "LlamaForSequenceClassification",
     "LlamaModel",
     "RobertaForSequenceClassification",

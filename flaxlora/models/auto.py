@@ -7,7 +7,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from flaxlora.models.bert import BertForSequenceClassification, RobertaForSequenceClassification
+from flaxlora.models.bert import (
+    BertForSequenceClassification,
+    RobertaForSequenceClassification,
+)
 from flaxlora.models.config import DECODER_TYPES, ENCODER_TYPES, BertConfig, LlamaConfig
 from flaxlora.models.layers import Block, Dtype
 from flaxlora.models.llama import LlamaForSequenceClassification

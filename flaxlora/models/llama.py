@@ -155,28 +155,3 @@ class LlamaForSequenceClassification(SequenceClassifier):
             attention_mask = jnp.ones_like(input_ids)
         hidden = self.hidden_states(input_ids, attention_mask, token_type_ids, deterministic)
         return self.score(last_token(hidden, attention_mask))
-
-
-class LlamaForCausalLM(Block):
-    """HF `LlamaForCausalLM`: next-token logits; `lm_head` is the embedding when tied."""
-
-    backbone: ClassVar[str] = "model"
-
-    def setup(self):
-        cfg = self.config
-        self.model = LlamaModel(cfg, self.dtype, self.param_dtype)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = self.dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False)
-
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        token_type_ids: Array | None = None,
-        deterministic: bool = True,
-    ) -> Array:
-        """(batch, len) ids -> logits (batch, len, vocab)."""
-        hidden = self.model(input_ids, attention_mask, token_type_ids, deterministic)
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.attend(hidden)
-        return self.lm_head(hidden)

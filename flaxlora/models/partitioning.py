@@ -16,7 +16,6 @@ Logical axes:
   positions    absolute position embedding rows
   token_types  token type embedding rows
   classes      classification labels
-  batch        the batch dimension of activations
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ import jax.numpy as jnp
 # Logical axis -> mesh axis (or axes, or None = replicated), for a mesh with axes
 # ('data', 'fsdp', 'tensor'): FSDP shards the hidden width, tensor parallelism the heads/MLP/vocab.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("embed_out", None),

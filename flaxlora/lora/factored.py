@@ -16,11 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxlora import variants
-from flaxlora.config import LoraConfig, first_match
-from flaxlora.lora import adapters_by_path, path_key
-
-PyTree = Any
+from flaxlora.lora import variants
+from flaxlora.lora.adapters import adapters_by_path, path_key
+from flaxlora.lora.config import LoraConfig, first_match
+from flaxlora.pytree import PyTree
 
 
 def _by_module_path(adapters: dict[str, Any]) -> dict[str, tuple[str, Any]]:

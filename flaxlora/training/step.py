@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,12 +19,18 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from flaxlora import sharding
-from flaxlora.config import LoraConfig
-from flaxlora.factored import apply_factored
-from flaxlora.lora import apply_lora, init_adapter, trainable_params, with_extras
+from flaxlora.lora.adapters import (
+    apply_lora,
+    init_adapter,
+    trainable_params,
+    with_extras,
+)
+from flaxlora.lora.config import LoraConfig
+from flaxlora.lora.factored import apply_factored
+from flaxlora.pytree import PyTree
+from flaxlora.training import sharding
+from flaxlora.training.metrics import weighted_cross_entropy
 
-PyTree = Any
 Batch = dict[str, jax.Array]
 LogitsFn = Callable[[PyTree, PyTree, Batch, "jax.Array | None"], jax.Array]
 
@@ -85,15 +90,6 @@ def logits_fn(model: nn.Module, config: LoraConfig, lora_path: str = "merged") -
     return apply
 
 
-def weighted_cross_entropy(
-    logits: jax.Array, labels: jax.Array, weights: jax.Array, label_smoothing: float = 0.0
-) -> tuple[jax.Array, jax.Array]:
-    """``(sum of weighted losses, sum of weights)``; padding rows have weight 0."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-    losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-    return jnp.sum(losses * weights), jnp.sum(weights)
-
-
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
     """Static options of the train step.
@@ -150,7 +146,6 @@ def train_step(
     metrics = {
         "loss": loss / weight,
         "grad_norm": optax.tree.norm(grads),
-        "tokens": jnp.sum(batch["attention_mask"]),
     }
     return new_state, metrics
 

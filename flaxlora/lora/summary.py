@@ -5,17 +5,16 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from flaxlora import paths
-from flaxlora.config import LoraConfig
-from flaxlora.lora import adapters_by_path
-from flaxlora.targets import resolve_targets
-
-PyTree = paths.PyTree
+from flaxlora import pytree
+from flaxlora.lora.adapters import adapters_by_path
+from flaxlora.lora.config import LoraConfig
+from flaxlora.lora.targets import resolve_targets
+from flaxlora.pytree import PyTree
 
 
 def count(tree: PyTree) -> int:
     """Number of scalars in ``tree``."""
-    return sum(math.prod(x.shape) for x in paths.flatten(tree).values())
+    return sum(math.prod(x.shape) for x in pytree.flatten(tree).values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +52,7 @@ class ParamSummary:
 def summarize(params: PyTree, lora_params: PyTree, config: LoraConfig, extras: PyTree | None = None) -> ParamSummary:
     """Trainable vs total parameters and a row per target of ``config``."""
     adapters = adapters_by_path(lora_params)
-    flat = paths.flatten(params)
+    flat = pytree.flatten(params)
     rows = tuple(
         (p, tuple(flat[p].shape), t.rank, count(adapters[p])) for p, t in resolve_targets(params, config).items()
     )

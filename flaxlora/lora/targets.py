@@ -6,10 +6,9 @@ import dataclasses
 import math
 import re
 
-from flaxlora import paths
-from flaxlora.config import LoraConfig, first_match
-
-PyTree = paths.PyTree
+from flaxlora import pytree
+from flaxlora.lora.config import LoraConfig, first_match
+from flaxlora.pytree import PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +36,16 @@ class Target:
         return math.prod(self.fan_out)
 
 
+def lora_candidates(params: PyTree) -> list[tuple[str, tuple[int, ...]]]:
+    """Paths and shapes of the leaves LoRA can adapt (every leaf with two or more axes).
+
+    Use it to write ``LoraConfig.targets``: the regex is searched in these paths.
+    """
+    return [(p, tuple(x.shape)) for p, x in pytree.flatten(params).items() if getattr(x, "ndim", 0) >= 2]
+
+
 def _candidates_hint(params: PyTree, limit: int = 12) -> str:
-    names = [p for p, _ in paths.lora_candidates(params)]
+    names = [p for p, _ in lora_candidates(params)]
     more = f" ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -53,7 +60,7 @@ def resolve_targets(params: PyTree, config: LoraConfig) -> dict[str, Target]:
         if config.rank_pattern or config.alpha_pattern:
             raise ValueError("LoraConfig.rank_pattern / alpha_pattern given but targets is None")
         return {}
-    candidates = paths.lora_candidates(params)
+    candidates = lora_candidates(params)
     for field in ("in_axes", "stack_axes"):
         for pattern, _ in getattr(config, field):
             if not any(re.search(pattern, p) for p, _ in candidates):
@@ -102,9 +109,9 @@ def trainable_paths(params: PyTree, config: LoraConfig) -> list[str]:
     """Paths of the parameters trained in full (``config.trainable``); [] when it is None."""
     if config.trainable is None:
         return []
-    found = [p for p in paths.flatten(params) if re.search(config.trainable, p)]
+    found = [p for p in pytree.flatten(params) if re.search(config.trainable, p)]
     if not found:
-        names = list(paths.flatten(params))
+        names = list(pytree.flatten(params))
         raise ValueError(
             f"LoraConfig.trainable {config.trainable!r} matches no parameter; parameters include: "
             f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"

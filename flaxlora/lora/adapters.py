@@ -18,11 +18,12 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-from flaxlora import paths, variants
-from flaxlora.config import LoraConfig
-from flaxlora.targets import Target, resolve_targets, trainable_paths
+from flaxlora import pytree
+from flaxlora.lora import variants
+from flaxlora.lora.config import LoraConfig
+from flaxlora.lora.targets import Target, resolve_targets, trainable_paths
+from flaxlora.pytree import PyTree
 
-PyTree = paths.PyTree
 ADAPTER_KEYS = ("a", "b", "magnitude")
 
 
@@ -39,7 +40,7 @@ def _matrices(x: jax.Array, target: Target) -> jax.Array:
 def adapters_by_path(lora_params: PyTree) -> dict[str, dict[str, jax.Array]]:
     """``{kernel path: {"a": ..., "b": ...[, "magnitude": ...]}}`` from an adapter tree."""
     grouped: dict[str, dict[str, jax.Array]] = {}
-    for path, leaf in paths.flatten(lora_params).items():
+    for path, leaf in pytree.flatten(lora_params).items():
         parent, _, name = path.rpartition("/")
         if name not in ADAPTER_KEYS or not parent:
             raise ValueError(f"adapter tree leaf {path!r} is not named one of {ADAPTER_KEYS}")
@@ -88,7 +89,7 @@ def init_adapter(params: PyTree, config: LoraConfig, rng: jax.Array) -> tuple[Py
     (``apply_lora(base_params, lora_params, config)`` equals ``params`` at step 0).
     """
     init = variants.INITS[config.init]
-    flat = paths.flatten(params)
+    flat = pytree.flatten(params)
     adapters, residuals = {}, {}
     for path, t in resolve_targets(params, config).items():
         w = _matrices(flat[path].astype(jnp.float32), t)
@@ -104,7 +105,7 @@ def init_adapter(params: PyTree, config: LoraConfig, rng: jax.Array) -> tuple[Py
         adapters[path] = adapter
         if config.init in variants.RESIDUAL_INITS:
             residuals[path] = base.reshape(flat[path].shape).astype(flat[path].dtype)
-    return paths.replace(params, residuals), paths.unflatten(adapters)
+    return pytree.replace(params, residuals), pytree.unflatten(adapters)
 
 
 def init_lora(params: PyTree, config: LoraConfig, rng: jax.Array) -> PyTree:
@@ -143,9 +144,9 @@ def apply_lora(params: PyTree, lora_params: PyTree, config: LoraConfig) -> PyTre
     float32 (bf16 compute is fine) or use the factored path, which adds the update separately.
     """
     targets, adapters = matched_adapters(params, lora_params, config)
-    flat = paths.flatten(params)
+    flat = pytree.flatten(params)
     merged = {p: _merged_kernel(flat[p], adapters[p], t) for p, t in targets.items()}
-    return paths.replace(params, merged)
+    return pytree.replace(params, merged)
 
 
 def merge(params: PyTree, lora_params: PyTree, config: LoraConfig, extras: PyTree | None = None) -> PyTree:
@@ -169,7 +170,7 @@ def merge_pretrained(
 
 def with_extras(params: PyTree, extras: PyTree | None) -> PyTree:
     """``params`` with the leaves of ``extras`` (a tree from :func:`trainable_params`) swapped in."""
-    return params if extras is None else paths.replace(params, paths.flatten(extras))
+    return params if extras is None else pytree.replace(params, pytree.flatten(extras))
 
 
 def unmerge(merged_params: PyTree, lora_params: PyTree, config: LoraConfig) -> PyTree:
@@ -181,12 +182,12 @@ def unmerge(merged_params: PyTree, lora_params: PyTree, config: LoraConfig) -> P
     if config.use_dora:
         raise ValueError("a DoRA merge cannot be inverted from merged weights and adapter: keep the base params")
     targets, adapters = matched_adapters(merged_params, lora_params, config)
-    flat = paths.flatten(merged_params)
+    flat = pytree.flatten(merged_params)
     base = {}
     for p, t in targets.items():
         negated = {"a": -adapters[p]["a"], "b": adapters[p]["b"]}
         base[p] = _merged_kernel(flat[p], negated, t)
-    return paths.replace(merged_params, base)
+    return pytree.replace(merged_params, base)
 
 
 def extract_lora(base_params: PyTree, merged_params: PyTree, config: LoraConfig) -> PyTree:
@@ -197,8 +198,8 @@ def extract_lora(base_params: PyTree, merged_params: PyTree, config: LoraConfig)
     """
     if config.use_dora:
         raise ValueError("extract_lora supports plain LoRA only (a DoRA merge is not a low-rank change)")
-    merged_flat = paths.flatten(merged_params)
-    base_flat = paths.flatten(base_params)
+    merged_flat = pytree.flatten(merged_params)
+    base_flat = pytree.flatten(base_params)
     adapters = {}
     for p, t in resolve_targets(base_params, config).items():
         if tuple(merged_flat[p].shape) != tuple(base_flat[p].shape):
@@ -210,10 +211,10 @@ def extract_lora(base_params: PyTree, merged_params: PyTree, config: LoraConfig)
             "a": (u[:, :, : t.rank] * root[:, None, :]).reshape(*t.stack, *t.fan_in, t.rank),
             "b": (root[:, :, None] * vt[:, : t.rank]).reshape(*t.stack, t.rank, *t.fan_out),
         }
-    return paths.unflatten(adapters)
+    return pytree.unflatten(adapters)
 
 
 def trainable_params(params: PyTree, config: LoraConfig) -> PyTree:
     """The parameters trained in full (``config.trainable``), as a nested dict: the ``extras``
     that :func:`merge` folds back. Empty when ``config.trainable`` is None."""
-    return paths.select(params, trainable_paths(params, config))
+    return pytree.select(params, trainable_paths(params, config))

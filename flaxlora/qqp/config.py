@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from flaxlora.config import LoraConfig
+from flaxlora.lora.config import LoraConfig
 
 # Target regexes on '/'-joined parameter paths, for BERT/RoBERTa and Llama names alike.
 QV_TARGETS = r"(query|value|q_proj|v_proj)/kernel$"

@@ -7,7 +7,6 @@ Confusion counts and loss sums stay on device across batches; the host syncs onc
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -15,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from flaxlora import sharding
-from flaxlora.metrics import confusion_counts, metrics_from_counts
-from flaxlora.train import weighted_cross_entropy
-
-PyTree = Any
+from flaxlora.pytree import PyTree
+from flaxlora.training import sharding
+from flaxlora.training.metrics import (
+    confusion_counts,
+    metrics_from_counts,
+    weighted_cross_entropy,
+)
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh | None = None, param_shardings: PyTree = None):

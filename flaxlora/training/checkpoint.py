@@ -18,9 +18,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from flaxlora.train import TrainState
-
-PyTree = Any
+from flaxlora.pytree import PyTree
+from flaxlora.training.step import TrainState
 
 
 class Checkpointer:

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-PyTree = Any
+from flaxlora.pytree import PyTree
 
 
 def parse_mesh(spec: str | Mapping[str, int] | None, n_devices: int) -> dict[str, int]:
@@ -88,23 +88,6 @@ def logical_shardings(params: PyTree, logical_specs: PyTree, mesh: Mesh, rules) 
         mesh_specs,
         is_leaf=lambda s: isinstance(s, P),
     )
-
-
-def fsdp_shardings(params: PyTree, mesh: Mesh) -> PyTree:
-    """For models without logical annotations: shard each matrix's largest divisible axis over fsdp."""
-    size = mesh.shape["fsdp"]
-
-    def spec(x):
-        if x.ndim < 2 or size == 1:
-            return NamedSharding(mesh, P())
-        dims = sorted(range(x.ndim), key=lambda d: -x.shape[d])
-        axis = next((d for d in dims if x.shape[d] % size == 0), None)
-        parts = [None] * x.ndim
-        if axis is not None:
-            parts[axis] = "fsdp"
-        return NamedSharding(mesh, P(*parts))
-
-    return jax.tree.map(spec, params)
 
 
 def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -25,20 +25,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlora import sharding, train
-from flaxlora.checkpoint import Checkpointer
+from flaxlora import training
 from flaxlora.data.batching import TrainIterator, default_buckets, eval_batches
-from flaxlora.data.qqp import load_qqp
 from flaxlora.data.tokenize import encode_pairs, pair_format_for
-from flaxlora.evaluate import evaluate, make_eval_step
 from flaxlora.loading import load_pretrained
-from flaxlora.lora import merge
+from flaxlora.lora.adapters import merge
+from flaxlora.lora.optim import lora_optimizer
+from flaxlora.lora.rank_allocation import allocate
+from flaxlora.lora.summary import summarize
 from flaxlora.models import LOGICAL_AXIS_RULES, logical_partition_specs
-from flaxlora.optim import lora_optimizer
-from flaxlora.presets import RunConfig
-from flaxlora.rank_allocation import allocate
-from flaxlora.reporting import RunLog, mean_throughput, plot_curves
-from flaxlora.summary import summarize
+from flaxlora.qqp.config import RunConfig
+from flaxlora.qqp.data import load_qqp
+from flaxlora.qqp.reporting import RunLog, mean_throughput, plot_curves
+from flaxlora.training import sharding
+from flaxlora.training.checkpoint import Checkpointer
+from flaxlora.training.evaluation import evaluate, make_eval_step
+from flaxlora.training.metrics import weighted_cross_entropy
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -78,7 +80,7 @@ def allocate_ranks(run: RunConfig, pretrained, train_data, buckets) -> RunConfig
     def loss_fn(params, batch):
         logits = pretrained.model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                                         batch["token_type_ids"])
-        loss, weight = train.weighted_cross_entropy(logits, batch["labels"], batch["weights"])
+        loss, weight = weighted_cross_entropy(logits, batch["labels"], batch["weights"])
         return loss / jnp.maximum(weight, 1.0)
 
     sample = (next(batches) for _ in range(run.allocation_batches))
@@ -112,17 +114,17 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     mesh = sharding.make_mesh(run.mesh)
     steps_per_epoch = math.ceil(len(encoded["train"]) / run.batch_size)
     total_steps = run.max_steps or max(1, round(run.epochs * steps_per_epoch))
-    schedule = train.learning_rate_schedule(run.learning_rate, total_steps, round(run.warmup_ratio * total_steps), run.decay)
+    schedule = training.learning_rate_schedule(run.learning_rate, total_steps, round(run.warmup_ratio * total_steps), run.decay)
     tx = lora_optimizer(schedule, loraplus_ratio=run.loraplus_ratio, weight_decay=run.weight_decay,
                         max_grad_norm=run.max_grad_norm)
-    state, frozen = train.init_train_state(pretrained.params, run.lora, tx, jax.random.key(run.seed))
+    state, frozen = training.init_train_state(pretrained.params, run.lora, tx, jax.random.key(run.seed))
     pretrained = dataclasses.replace(pretrained, params=None)  # only the (sharded) frozen copy stays alive
     frozen_shardings = sharding.logical_shardings(frozen, logical_partition_specs(pretrained.model), mesh, LOGICAL_AXIS_RULES)
     frozen = jax.device_put(frozen, frozen_shardings)
-    apply = train.logits_fn(pretrained.model, run.lora, run.lora_path)
-    step_fn, state_shardings = train.jit_train_step(
+    apply = training.logits_fn(pretrained.model, run.lora, run.lora_path)
+    step_fn, state_shardings = training.jit_train_step(
         apply, tx, mesh, state, frozen_shardings,
-        train.StepOptions(accum_steps=run.accum_steps, label_smoothing=run.label_smoothing),
+        training.StepOptions(accum_steps=run.accum_steps, label_smoothing=run.label_smoothing),
     )
     iterator = TrainIterator(encoded["train"], run.batch_size, buckets, seed=run.seed,
                              process_index=jax.process_index(), process_count=jax.process_count())

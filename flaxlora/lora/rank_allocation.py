@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlora import paths
-from flaxlora.config import LoraConfig
-from flaxlora.targets import resolve_targets
-
-PyTree = Any
+from flaxlora import pytree
+from flaxlora.lora.config import LoraConfig
+from flaxlora.lora.targets import resolve_targets
+from flaxlora.pytree import PyTree
 
 
 def gradient_spectra(
@@ -34,12 +33,12 @@ def gradient_spectra(
     each target weight of ``config``, viewed as its (n_in, n_out) matrix; for stacked targets,
     the mean over the stack of the squared values, square-rooted."""
     targets = resolve_targets(params, config)
-    flat = paths.flatten(params)
+    flat = pytree.flatten(params)
     weights = {p: flat[p] for p in targets}
 
     @jax.jit
     def grads(weights, batch):
-        return jax.grad(lambda w: loss_fn(paths.replace(params, w), batch))(weights)
+        return jax.grad(lambda w: loss_fn(pytree.replace(params, w), batch))(weights)
 
     total, count = None, 0
     for batch in batches:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, log_loss, matthews_corrcoef
-from scipy import sparse
 
-from flaxlora.data.qqp import QQPSplit
+from flaxlora.qqp.data import QQPSplit
 
 
 def scores(labels: np.ndarray, predicted: np.ndarray, proba: np.ndarray | None = None) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Binary classification metrics as pure jnp functions, usable inside ``jit``.
+"""Classification loss and binary metrics as pure jnp functions, usable inside ``jit``.
 
 Sum ``confusion_counts`` over batches (padding rows have weight 0), then call
 ``metrics_from_counts`` once. Class 1 (duplicate) is the positive class.
@@ -8,6 +8,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
+
+
+def weighted_cross_entropy(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array, label_smoothing: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """``(sum of weighted losses, sum of weights)``; padding rows have weight 0."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
 
 def confusion_counts(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
     """Weighted (tp, fp, tn, fn) as a (4,) float32 array.

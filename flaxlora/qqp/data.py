@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import importlib.resources
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -19,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flaxlora.data import sources
+from flaxlora.data import tables
 
 SPLITS = ("train", "validation", "test")
 REASONS = ("unparseable", "wrong_column_count", "empty_question", "bad_label")
@@ -28,6 +29,7 @@ UNLABELLED = -1
 _ID_COLUMNS = ("id", "idx", "pair_id", "test_id")
 _LABEL_COLUMNS = ("label", "is_duplicate")
 _MAX_PROBLEMS = 20
+HUB_NAME = ("nyu-mll/glue", "qqp")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -152,7 +154,7 @@ def _is_unlabelled(value: object) -> bool:
     return str(value).strip() == str(UNLABELLED)
 
 
-def _parse(table: sources.Table, tally: _Tally) -> tuple[list[_Pair], bool]:
+def _parse(table: tables.Table, tally: _Tally) -> tuple[list[_Pair], bool]:
     """Valid pairs of ``table`` and whether it has labels; malformed rows go to ``tally``."""
     i1, i2 = _column(table.header, ("question1",)), _column(table.header, ("question2",))
     if i1 is None or i2 is None:
@@ -237,16 +239,16 @@ def _keep_given_splits(
 
 
 def _build_dataset(
-    tables: Sequence[sources.Table],
+    found: Sequence[tables.Table],
     description: str,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
 ) -> QQPData:
-    """Validates ``tables`` and forms the splits (given train+validation, else a hash split)."""
+    """Validates ``found`` and forms the splits (given train+validation, else a hash split)."""
     if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
         raise ValueError(f"fractions must be 3 non-negative numbers summing to 1, got {fractions}")
     tally = _Tally()
-    parsed = [(table, *_parse(table, tally)) for table in tables]
-    named = {table.split for table in tables}
+    parsed = [(table, *_parse(table, tally)) for table in found]
+    named = {table.split for table in found}
     notes = []
     conflicts = 0
     if {"train", "validation"} <= named:
@@ -279,6 +281,34 @@ def _build_dataset(
     return QQPData(splits=splits, report=report, source=f"{description}; {how}")
 
 
+def sample_tables() -> list[tables.Table]:
+    """The QQP sample bundled with the package (see flaxlora/qqp/qqp_sample/README.md)."""
+    folder = importlib.resources.files("flaxlora.qqp") / "qqp_sample"
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".tsv")), key=lambda f: f.name)
+    if not files:
+        raise FileNotFoundError(f"the bundled QQP sample is missing from {folder}")
+    return [tables.read_file(f) for f in files]
+
+
+def hub_tables() -> list[tables.Table]:
+    """GLUE QQP (train, validation and the unlabelled test split) from the Hugging Face hub."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(*HUB_NAME)
+    except ConnectionError as err:
+        raise ConnectionError(
+            f"could not download GLUE QQP ({'/'.join(HUB_NAME)}) from the Hugging Face hub: {err}. "
+            "Offline, pass a local directory of GLUE TSVs or parquet files instead "
+            "(--data-dir DIR, or load_qqp(data_dir=DIR)), or use the bundled sample "
+            "(no --data-dir, or load_qqp())."
+        ) from err
+    return [
+        tables.from_columns(f"{'/'.join(HUB_NAME)}:{split}", tables.SPLIT_ALIASES.get(split), ds.to_dict())
+        for split, ds in dataset.items()
+    ]
+
+
 def load_qqp(
     data_dir: str | os.PathLike[str] | None = None,
     *,
@@ -296,12 +326,12 @@ def load_qqp(
     if from_hub and data_dir is not None:
         raise ValueError("pass either data_dir or from_hub=True, not both")
     if from_hub:
-        tables = sources.hub_tables()
-        description = f"GLUE QQP from the hub ({'/'.join(sources.HUB_NAME)})"
+        found = hub_tables()
+        description = f"GLUE QQP from the hub ({'/'.join(HUB_NAME)})"
     elif data_dir is not None:
-        tables = sources.directory_tables(data_dir)
+        found = tables.directory_tables(data_dir)
         description = f"QQP files in {os.fspath(data_dir)}"
     else:
-        tables = sources.sample_tables()
-        description = "bundled QQP sample (flaxlora/data/qqp_sample)"
-    return _build_dataset(tables, description, fractions)
+        found = sample_tables()
+        description = "bundled QQP sample (flaxlora/qqp/qqp_sample)"
+    return _build_dataset(found, description, fractions)

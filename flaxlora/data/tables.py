@@ -1,6 +1,6 @@
-"""Raw QQP tables: rows as read from the bundled sample, a local directory or the HF hub.
+"""Raw tables: the rows of TSV, CSV and parquet files, or of in-memory columns, unvalidated.
 
-Nothing here validates rows; `flaxlora.data.qqp` does that. A `Table` keeps every row, even
+Nothing here validates rows (for QQP, `flaxlora.qqp.data` does that). A `Table` keeps every row, even
 those that could not be parsed, so that malformed rows can be counted rather than lost.
 """
 
@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.resources
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-HUB_NAME = ("nyu-mll/glue", "qqp")
 _SPLIT_FILE = re.compile(r"(train|dev|validation|test)(-\d+-of-\d+)?")
-_SPLIT_ALIASES = {"train": "train", "dev": "validation", "validation": "validation", "test": "test"}
+SPLIT_ALIASES = {"train": "train", "dev": "validation", "validation": "validation", "test": "test"}
 
 
 class _Readable(Protocol):
@@ -45,9 +43,10 @@ class Table:
     rows: Sequence[tuple[int, list[Any] | None]]
 
 
-def _split_of_name(file_name: str) -> str | None:
+def split_of_name(file_name: str) -> str | None:
+    """'train', 'validation' or 'test' from a file name such as dev.tsv or train-00000-of-00002.parquet."""
     match = _SPLIT_FILE.fullmatch(file_name.split(".", 1)[0].lower())
-    return _SPLIT_ALIASES[match.group(1)] if match else None
+    return SPLIT_ALIASES[match.group(1)] if match else None
 
 
 def _read_delimited(file: _Readable, delimiter: str, quoting: int) -> Table:
@@ -64,10 +63,10 @@ def _read_delimited(file: _Readable, delimiter: str, quoting: int) -> Table:
             except csv.Error:
                 fields = None
             rows.append((reader.line_num, fields))
-    return Table(file.name, _split_of_name(file.name), tuple(header), rows)
+    return Table(file.name, split_of_name(file.name), tuple(header), rows)
 
 
-def _from_columns(name: str, split: str | None, columns: dict[str, list[Any]]) -> Table:
+def from_columns(name: str, split: str | None, columns: dict[str, list[Any]]) -> Table:
     header = tuple(columns)
     rows = [(i + 1, list(fields)) for i, fields in enumerate(zip(*columns.values()))]
     return Table(name, split, header, rows)
@@ -84,7 +83,7 @@ def read_file(path: _Readable) -> Table | None:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return _from_columns(path.name, _split_of_name(path.name), pq.read_table(path).to_pydict())
+        return from_columns(path.name, split_of_name(path.name), pq.read_table(path).to_pydict())
     return None
 
 
@@ -92,37 +91,8 @@ def directory_tables(data_dir: str | os.PathLike[str]) -> list[Table]:
     """Every .tsv/.csv/.parquet file directly in `data_dir`, in name order."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"QQP data directory {str(root)!r} does not exist")
+        raise FileNotFoundError(f"data directory {str(root)!r} does not exist")
     tables = [t for p in sorted(root.iterdir()) if p.is_file() and (t := read_file(p)) is not None]
     if not tables:
         raise FileNotFoundError(f"no .tsv, .csv or .parquet files in {str(root)!r}")
     return tables
-
-
-def sample_tables() -> list[Table]:
-    """The QQP sample bundled with the package (see flaxlora/data/qqp_sample/README.md)."""
-    folder = importlib.resources.files("flaxlora.data") / "qqp_sample"
-    files = sorted((f for f in folder.iterdir() if f.name.endswith(".tsv")), key=lambda f: f.name)
-    if not files:
-        raise FileNotFoundError(f"the bundled QQP sample is missing from {folder}")
-    return [_read_delimited(f, "\t", csv.QUOTE_NONE) for f in files]
-
-
-def hub_tables() -> list[Table]:
-    """GLUE QQP (train, validation and the unlabelled test split) from the Hugging Face hub."""
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(*HUB_NAME)
-    except ConnectionError as err:
-        raise ConnectionError(
-                f"could not download GLUE QQP ({'/'.join(HUB_NAME)}) from the Hugging Face hub: "
-            f"{err}. "
-                "Offline, pass a local directory of GLUE TSVs or parquet files instead "
-                "(--data-dir DIR, or load_qqp(data_dir=DIR)), or use the bundled sample "
-                "(no --data-dir, or load_qqp())."
-        ) from err
-    return [
-            _from_columns(f"{'/'.join(HUB_NAME)}:{split}", _SPLIT_ALIASES.get(split), ds.to_dict())
-            for split, ds in dataset.items()
-    ]

@@ -8,10 +8,10 @@ from collections.abc import Callable
 import jax
 import optax
 
-from flaxlora import paths
-from flaxlora.config import LoraConfig
+from flaxlora import pytree
+from flaxlora.lora.config import LoraConfig
+from flaxlora.pytree import PyTree
 
-PyTree = paths.PyTree
 ScalarOrSchedule = float | Callable[[int], float]
 
 
@@ -19,7 +19,7 @@ def trainable_mask(params: PyTree, config: LoraConfig) -> PyTree:
     """Bool tree like ``params``: True where ``config.trainable`` selects a leaf (trained in full)."""
     pattern = config.trainable
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: bool(pattern) and re.search(pattern, paths.path_str(p)) is not None, params
+        lambda p, _: bool(pattern) and re.search(pattern, pytree.path_str(p)) is not None, params
     )
 
 
@@ -48,11 +48,11 @@ def adapter_labels(tree: PyTree) -> PyTree:
     ``a`` and ``b``, wherever they sit in ``tree``); other leaves are ``"decay"`` (>= 2 axes:
     kernels) or ``"no_decay"`` (biases, norm scales).
     """
-    flat = paths.flatten(tree)
+    flat = pytree.flatten(tree)
     adapters = _adapter_paths(flat)
 
     def label(key_path, leaf):
-        parent, _, name = paths.path_str(key_path).rpartition("/")
+        parent, _, name = pytree.path_str(key_path).rpartition("/")
         if parent in adapters and name in ("a", "b", "magnitude"):
             return {"a": "lora_a", "b": "lora_b", "magnitude": "magnitude"}[name]
         return "decay" if leaf.ndim >= 2 else "no_decay"

@@ -1,0 +1,110 @@
+"""Export a training run for PyTorch: ``python -m flaxlora.export``.
+
+    python -m flaxlora.export --checkpoint runs/qqp-lora-... --format peft --out adapter/
+    python -m flaxlora.export --checkpoint runs/qqp-lora-... --format merged --out model/
+
+``peft``: a PEFT LoRA adapter folder for ``peft.PeftModel.from_pretrained(base, out)`` (see
+:mod:`flaxlora.interop.peft`); ``merged``: the fine-tuned model as a Hugging Face folder for
+``transformers.AutoModelForSequenceClassification.from_pretrained(out)`` (see
+:mod:`flaxlora.interop.merged`). The export is written to a new folder next to ``--out`` and
+renamed into place, so an existing ``--out`` (replaced only with ``--force``) survives any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+from flaxlora.interop import save_merged, save_peft
+from flaxlora.loading import known_models, load_pretrained
+from flaxlora.loading.registry import resolve
+from flaxlora.lora.adapters import merge_pretrained
+from flaxlora.qqp.config import RunConfig
+from flaxlora.qqp.predict import checkpoint_dir
+from flaxlora.training.checkpoint import Checkpointer
+
+FORMATS = ("peft", "merged")
+QQP_LABELS = ("not_duplicate", "duplicate")
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``; an existing ``out`` is removed only once the rename is done."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old)
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, step: int | None = None,
+           force: bool = False) -> Path:
+    """Export the run at ``checkpoint`` (its output or checkpoints/ folder) as ``fmt`` to ``out``.
+
+    Raises:
+      FileExistsError: ``out`` is a file, or a non-empty folder and not ``force``.
+      FileNotFoundError: no checkpoint (at ``step``).
+      ValueError: an unknown format, or a run PEFT cannot express (see :func:`flaxlora.interop.save_peft`).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    source, out = checkpoint_dir(checkpoint).resolve(), Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out == source or out in source.parents:
+        raise FileExistsError(f"{out} holds the checkpoint being exported: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} is not empty: pass --force to replace it")
+    with Checkpointer(source, read_only=True) as ckpt:
+        trainable, meta = ckpt.restore_for_inference(step)
+    run = RunConfig.from_dict(meta["run"])
+    pretrained = load_pretrained(run.model, num_labels=2, seed=run.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        if fmt == "peft":
+            base_name = str(resolve(run.model)) if run.model in known_models() else run.model
+            save_peft(staging, pretrained.params, trainable["lora"], run.lora, trainable["extras"],
+                      save_modules=pretrained.missing, base_model_name_or_path=base_name)
+        else:
+            params = merge_pretrained(pretrained.params, trainable["lora"], run.lora, trainable["extras"])
+            save_merged(staging, pretrained, params, QQP_LABELS)
+        _replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        sys.exit(f"{self.prog}: error: {message} (see --help)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = _OneLineErrors(prog="python -m flaxlora.export", description="Export a saved run for PyTorch.")
+    p.add_argument("--checkpoint", required=True, help="run output folder or its checkpoints/ folder")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="peft: PEFT LoRA adapter folder; merged: Hugging Face model folder")
+    p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out, args.format, step=args.step, force=args.force)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        sys.exit(f"{p.prog}: error: {err}")
+    print(f"wrote {args.format} export to {out}")
+
+
+if __name__ == "__main__":
+    main()

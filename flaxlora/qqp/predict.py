@@ -1,0 +1,149 @@
+"""Inference from a saved run: ``flaxlora.restore(dir)`` and ``python -m flaxlora.predict``.
+
+    predictor = flaxlora.restore("runs/qqp-enhanced-s0-...")        # or its checkpoints/ folder
+    predictor.predict_proba(["How do I learn Python?"], ["What is the best way to learn Python?"])
+
+The base model is rebuilt from the saved run configuration, the adapters and extras restored
+from the orbax checkpoint and merged into it once: inference runs the plain model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlora.data.batching import default_buckets
+from flaxlora.data.tokenize import encode_pairs, pair_format_for
+from flaxlora.loading import load_pretrained
+from flaxlora.lora.adapters import merge_pretrained
+from flaxlora.qqp.config import RunConfig
+from flaxlora.training.checkpoint import Checkpointer
+
+
+class Predictor:
+    """Duplicate-question classifier: a model with merged params and its tokenizer.
+
+    Pairs are tokenised like the training data, grouped by length into the run's buckets and
+    run in fixed-size batches (one compilation per bucket).
+    """
+
+    def __init__(self, model, params, tokenizer, pair_format: str, max_length: int,
+                 buckets: Sequence[int], batch_size: int = 64):
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.pair_format, self.max_length = pair_format, max_length
+        self.buckets, self.batch_size = tuple(buckets), batch_size
+        self._forward = jax.jit(lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types))
+
+    def logits(self, q1s: Sequence[str], q2s: Sequence[str]) -> np.ndarray:
+        """(n, 2) class scores (index 1: duplicate) for n question pairs."""
+        if isinstance(q1s, str) or isinstance(q2s, str):
+            raise TypeError("pass sequences of questions, e.g. [q1], [q2]")
+        if len(q1s) != len(q2s):
+            raise ValueError(f"{len(q1s)} first questions but {len(q2s)} second questions")
+        encoded = encode_pairs(self.tokenizer, list(q1s), list(q2s), self.max_length,
+                               pair_format=self.pair_format, use_cache=False)
+        out = np.zeros((len(encoded), 2), np.float32)
+        bucket_of = np.searchsorted(np.asarray(self.buckets), encoded.lengths, side="left")
+        for k, length in enumerate(self.buckets):
+            members = np.flatnonzero(bucket_of == k)
+            for start in range(0, len(members), self.batch_size):
+                rows = members[start : start + self.batch_size]
+                batch = encoded.pad(np.resize(rows, self.batch_size), length)
+                logits = self._forward(self.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+                out[rows] = np.asarray(logits[: len(rows)], np.float32)
+        return out
+
+    def predict_proba(self, q1s: Sequence[str], q2s: Sequence[str]) -> np.ndarray:
+        """(n,) P(duplicate)."""
+        return np.asarray(jax.nn.softmax(jnp.asarray(self.logits(q1s, q2s)), axis=-1)[:, 1])
+
+    def predict(self, q1s: Sequence[str], q2s: Sequence[str]) -> np.ndarray:
+        """(n,) int labels: 1 duplicate, 0 not."""
+        return self.logits(q1s, q2s).argmax(axis=-1).astype(np.int32)
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    if path.is_dir():
+        return path
+    raise FileNotFoundError(f"no run or checkpoint folder at {path}")
+
+
+def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 64) -> Predictor:
+    """A :class:`Predictor` from a run's output folder or its ``checkpoints/`` folder.
+
+    ``step`` picks a checkpoint (default: the latest).
+    """
+    with Checkpointer(checkpoint_dir(path), read_only=True) as ckpt:
+        trainable, meta = ckpt.restore_for_inference(step)
+    run = RunConfig.from_dict(meta["run"])
+    pretrained = load_pretrained(run.model, num_labels=2, seed=run.seed)
+    params = jax.jit(lambda p, t: merge_pretrained(p, t["lora"], run.lora, t["extras"]))(pretrained.params, trainable)
+    return Predictor(pretrained.model, params, pretrained.tokenizer,
+                     pair_format_for(pretrained.kind),
+                     run.max_length, run.buckets or default_buckets(run.max_length), batch_size)
+
+
+def _read_pairs(path: str) -> tuple[list[str], list[str], list[Any]]:
+    """Question pairs from a TSV with a header naming question1 and question2 (GLUE's), or two columns."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise ValueError(f"{path} is empty")
+    header = rows[0]
+    if "question1" in header and "question2" in header:
+        i, j = header.index("question1"), header.index("question2")
+        ids = header.index("id") if "id" in header else None
+        body = rows[1:]
+    else:
+        i, j, ids, body = 0, 1, None, rows
+    bad = [n for n, r in enumerate(body, start=2 if body is not rows else 1) if len(r) <= max(i, j)]
+    if bad:
+        raise ValueError(f"{path}: rows {bad[:5]} have too few columns")
+    return [r[i] for r in body], [r[j] for r in body], [r[ids] if ids is not None else n for n, r in enumerate(body)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m flaxlora.predict", description="Predict QQP duplicates with a saved run.")
+    p.add_argument("--checkpoint", required=True, help="run output folder or its checkpoints/ folder")
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--q1", action="append", help="first question (repeatable, paired with --q2)")
+    p.add_argument("--q2", action="append", help="second question")
+    p.add_argument("--tsv", help="batch mode: TSV with question1/question2 columns (GLUE) or two columns")
+    p.add_argument("--out", help="batch mode output TSV (default: stdout)")
+    args = p.parse_args(argv)
+    if bool(args.tsv) == bool(args.q1 or args.q2):
+        p.error("give either --q1/--q2 pairs or --tsv")
+    try:
+        if args.tsv:
+            q1s, q2s, ids = _read_pairs(args.tsv)
+        else:
+            if len(args.q1 or []) != len(args.q2 or []):
+                p.error("give as many --q2 as --q1")
+            q1s, q2s, ids = args.q1, args.q2, list(range(len(args.q1)))
+        predictor = restore(args.checkpoint, args.step)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"flaxlora.predict: error: {err}")
+    logits = predictor.logits(q1s, q2s)
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1)[:, 1])
+    lines = ["id\tis_duplicate\tp_duplicate"]
+    lines += [f"{i}\t{label}\t{prob:.6f}" for i, label, prob in zip(ids, logits.argmax(-1), probs)]
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+if __name__ == "__main__":
+    main()
