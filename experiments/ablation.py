@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -82,11 +81,10 @@ def qv_budget(run: RunConfig) -> int:
 
 
 def run_one(name: str, seed: int, base: RunConfig, out: Path) -> None:
-    """One arm and seed, in this process; adds peak RSS to its results.json."""
+    """One arm and seed, in this process (so the peak RSS in its results.json is its own)."""
     from flaxlora.qqp.run import finetune
 
     results = finetune(ARMS[name][1](base).replace(seed=seed), out, progress=False)
-    results["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["arm"] = name
     (out / "results.json").write_text(json.dumps(results, indent=2))
 

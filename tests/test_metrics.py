@@ -1,4 +1,4 @@
-"""flaxlora.metrics against scikit-learn, with weight-0 padding and degenerate label sets."""
+"""flaxlora.training.metrics against scikit-learn, with weight-0 padding and degenerate label sets."""
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,13 @@
 QQP's columns, labels, splits and bundled sample live in :mod:`flaxlora.qqp`.
 """
 
-from flaxlora.data.batching import Batch, TrainIterator, default_buckets, eval_batches
+from flaxlora.data.batching import (
+    Batch,
+    TrainIterator,
+    default_buckets,
+    eval_batches,
+    inference_batches,
+)
 from flaxlora.data.tables import Table
 from flaxlora.data.tokenize import (
     PROMPT,
@@ -27,5 +33,6 @@ __all__ = [
     "default_cache_dir",
     "encode_pairs",
     "eval_batches",
+    "inference_batches",
     "pair_format_for",
 ]

@@ -39,10 +39,17 @@ def default_buckets(max_length: int, num_buckets: int = 4, multiple: int = 8) ->
     return tuple(sorted(lengths))
 
 
+def check_buckets(buckets: Sequence[int], max_length: int | None = None) -> None:
+    """ValueError unless ``buckets`` are increasing positive lengths (ending at ``max_length`` if given)."""
+    if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+        raise ValueError(f"buckets must be increasing positive lengths, got {tuple(buckets)}")
+    if max_length is not None and buckets[-1] != max_length:
+        raise ValueError(f"buckets must end at max_length {max_length}, got {tuple(buckets)}")
+
+
 def _bucket_of(data: EncodedPairs, buckets: Sequence[int]) -> np.ndarray:
     """(n,) index into ``buckets`` of the smallest bucket that holds each example."""
-    if list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
-        raise ValueError(f"buckets must be increasing positive lengths, got {tuple(buckets)}")
+    check_buckets(buckets)
     if len(data) and data.lengths.max() > buckets[-1]:
         raise ValueError(f"an example has {data.lengths.max()} tokens > the largest bucket")
     return np.searchsorted(np.asarray(buckets), data.lengths, side="left")
@@ -158,6 +165,14 @@ class TrainIterator(Iterator[Batch]):
         if self._step == self.steps_per_epoch:
             self._epoch, self._step = self._epoch + 1, 0
         return batch
+
+
+def inference_batches(data: EncodedPairs, batch_size: int, buckets: Sequence[int]) -> Iterator[tuple[np.ndarray, Batch]]:
+    """``(rows, batch)`` covering each example once, as :func:`eval_batches` orders them: ``rows``
+    (<= batch_size,) are the example indices held by the first ``len(rows)`` rows of ``batch``
+    (input_ids, attention_mask, token_type_ids); the rest repeat them as padding."""
+    for length, rows in _plan(_bucket_of(data, buckets), buckets, batch_size, rng=None):
+        yield rows, data.pad(np.resize(rows, batch_size), length)
 
 
 def eval_batches(

@@ -72,12 +72,17 @@ def from_columns(name: str, split: str | None, columns: dict[str, list[Any]]) ->
     return Table(name, split, header, rows)
 
 
+def read_tsv(path: _Readable) -> Table:
+    """A tab-separated file without quoting: GLUE TSVs keep raw quote characters, as the HF GLUE
+    loader reads them."""
+    return _read_delimited(path, "\t", csv.QUOTE_NONE)
+
+
 def read_file(path: _Readable) -> Table | None:
     """Reads a .tsv (GLUE: no quoting), .csv (standard quoting) or .parquet file; else None."""
     suffix = Path(path.name).suffix.lower()
     if suffix == ".tsv":
-        # GLUE TSVs keep raw quote characters, as the HF GLUE loader reads them.
-        return _read_delimited(path, "\t", csv.QUOTE_NONE)
+        return read_tsv(path)
     if suffix == ".csv":
         return _read_delimited(path, ",", csv.QUOTE_MINIMAL)
     if suffix == ".parquet":

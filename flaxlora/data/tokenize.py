@@ -59,6 +59,20 @@ class EncodedPairs:
     labels: np.ndarray
     pad_id: int
 
+    @classmethod
+    def from_rows(
+        cls, ids: Sequence[Sequence[int]], pad_id: int, types: Sequence[Sequence[int]] | None = None,
+        labels: np.ndarray | None = None,
+    ) -> "EncodedPairs":
+        """From per-example token id lists; ``types`` default to 0, ``labels`` to -1 (unlabelled)."""
+        return cls(
+            input_ids=_flatten(ids),
+            token_type_ids=_flatten(types) if types is not None else np.zeros(sum(map(len, ids)), np.int32),
+            lengths=np.array([len(x) for x in ids], dtype=np.int32),
+            labels=np.full(len(ids), -1, np.int32) if labels is None else labels,
+            pad_id=pad_id,
+        )
+
     def __len__(self) -> int:
         return len(self.lengths)
 
@@ -169,16 +183,10 @@ def _encode(
 ) -> EncodedPairs:
     encode = _encode_template if pair_format == "template" else _encode_prompt
     ids, types = encode(tokenizer, q1s, q2s, max_length)
-    return EncodedPairs(
-        input_ids=_flatten(ids),
-        token_type_ids=_flatten(types),
-        lengths=np.array([len(x) for x in ids], dtype=np.int32),
-        labels=labels,
-        pad_id=_pad_id(tokenizer),
-    )
+    return EncodedPairs.from_rows(ids, _pad_id(tokenizer), types, labels)
 
 
-def _flatten(rows: list[list[int]]) -> np.ndarray:
+def _flatten(rows: Sequence[Sequence[int]]) -> np.ndarray:
     return np.fromiter((t for row in rows for t in row), dtype=np.int32)
 
 

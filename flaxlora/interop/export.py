@@ -12,20 +12,18 @@ renamed into place, so an existing ``--out`` (replaced only with ``--force``) su
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 import uuid
 from pathlib import Path
 
+from flaxlora.cli import ArgumentParser
 from flaxlora.interop import save_merged, save_peft
 from flaxlora.loading import known_models, load_pretrained
 from flaxlora.loading.registry import resolve
 from flaxlora.lora.adapters import merge_pretrained
 from flaxlora.qqp.config import RunConfig
-from flaxlora.qqp.predict import checkpoint_dir
-from flaxlora.training.checkpoint import Checkpointer
+from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
 
 FORMATS = ("peft", "merged")
 QQP_LABELS = ("not_duplicate", "duplicate")
@@ -85,13 +83,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
     return out
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        sys.exit(f"{self.prog}: error: {message} (see --help)")
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = _OneLineErrors(prog="python -m flaxlora.export", description="Export a saved run for PyTorch.")
+    p = ArgumentParser(prog="python -m flaxlora.export", description="Export a saved run for PyTorch.")
     p.add_argument("--checkpoint", required=True, help="run output folder or its checkpoints/ folder")
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="peft: PEFT LoRA adapter folder; merged: Hugging Face model folder")
@@ -102,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = export(args.checkpoint, args.out, args.format, step=args.step, force=args.force)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        sys.exit(f"{p.prog}: error: {err}")
+        p.fail(err)
     print(f"wrote {args.format} export to {out}")
 
 

@@ -101,7 +101,7 @@ def init_adapter(params: PyTree, config: LoraConfig, rng: jax.Array) -> tuple[Py
         }
         if config.use_dora:
             merged = base + t.scale * (a @ b)
-            adapter["magnitude"] = jax.vmap(variants.column_norm)(merged).reshape(*t.stack, *t.fan_out)
+            adapter["magnitude"] = variants.column_norm(merged).reshape(*t.stack, *t.fan_out)
         adapters[path] = adapter
         if config.init in variants.RESIDUAL_INITS:
             residuals[path] = base.reshape(flat[path].shape).astype(flat[path].dtype)
@@ -127,9 +127,7 @@ def _merged_kernel(w: jax.Array, adapter: dict[str, jax.Array], t: Target) -> ja
     b = adapter["b"].reshape(-1, t.rank, t.n_out)
     v = _matrices(w.astype(jnp.float32), t) + t.scale * (a @ b)
     if "magnitude" in adapter:
-        # DoRA. As in the paper (sec. 4.3) and PEFT, the norm is a constant for backprop.
-        norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(v), axis=1, keepdims=True)))
-        v = adapter["magnitude"].reshape(-1, 1, t.n_out) * v / norm
+        v = variants.dora_weight(v, adapter["magnitude"].reshape(-1, t.n_out))
     return v.reshape(w.shape).astype(w.dtype)
 
 

@@ -8,7 +8,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-INITS = ("lora", "gaussian", "pissa", "olora")
+from flaxlora.lora.variants import INITS
+
 SCALINGS = ("standard", "rslora")
 
 Patterns = tuple[tuple[str, Any], ...]
@@ -112,7 +113,7 @@ class LoraConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
-            raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+            raise ValueError(f"LoraConfig.init must be one of {tuple(INITS)}, got {self.init!r}")
         if self.scaling not in SCALINGS:
             raise ValueError(f"LoraConfig.scaling must be one of {SCALINGS}, got {self.scaling!r}")
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731

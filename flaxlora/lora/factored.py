@@ -58,8 +58,8 @@ def _lora_output(module, x, y, adapter, path, config, rng):
     rank = a.shape[-1]
     a2, b2 = a.reshape(-1, rank), b.reshape(rank, -1)
     kernel = module.get_variable("params", "kernel").astype(jnp.float32).reshape(a2.shape[0], -1)
-    norm = variants.factored_column_norm(kernel, a2, b2, scale)
-    factor = (adapter["magnitude"].reshape(-1) / jax.lax.stop_gradient(norm)).reshape(b.shape[1:]).astype(dtype)
+    factor = variants.dora_output_scale(kernel, a2, b2, scale, adapter["magnitude"].reshape(-1))
+    factor = factor.reshape(b.shape[1:]).astype(dtype)
     bias = module.get_variable("params", "bias").astype(dtype) if getattr(module, "use_bias", False) else 0
     return factor * (y - bias + delta) + bias
 

@@ -26,7 +26,7 @@ def trainable_mask(params: PyTree, config: LoraConfig) -> PyTree:
 def freeze_labels(params: PyTree, config: LoraConfig) -> PyTree:
     """``"trainable"`` / ``"frozen"`` labels for ``optax.multi_transform`` over the full params tree.
 
-    Example (the classic masked form; :func:`flaxlora.train` instead differentiates only the
+    Example (the classic masked form; :mod:`flaxlora.training` instead differentiates only the
     trainable tree)::
 
         labels = {"params": freeze_labels(params, cfg), "lora": jax.tree.map(lambda _: "trainable", lora)}

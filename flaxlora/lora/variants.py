@@ -1,4 +1,4 @@
-"""LoRA initialisations and the DoRA norm, on single (n_in, n_out) matrices.
+"""LoRA variants on (n_in, n_out) matrices: the initialisations, and all of DoRA's arithmetic.
 
 Every initialiser maps a frozen matrix ``w: (n_in, n_out)`` to ``(a: (n_in, r), b: (r, n_out),
 base: (n_in, n_out))`` such that ``base + scale * a @ b == w`` at step 0 (up to rounding): the
@@ -58,9 +58,19 @@ INITS: dict[str, Init] = {
 RESIDUAL_INITS = ("pissa", "olora")
 
 
+# DoRA (Liu et al. 2024): W' = m * V / ||V|| per output unit, V = W + s a @ b. As in the paper
+# (sec. 4.3) and PEFT, the norm ||V|| is a constant for backprop.
+
+
 def column_norm(w: jax.Array) -> jax.Array:
-    """Per-output-unit L2 norm of ``w: (n_in, n_out)`` -> (n_out,)."""
-    return jnp.sqrt(jnp.sum(jnp.square(w), axis=0))
+    """Per-output-unit L2 norm of ``w: (..., n_in, n_out)`` -> (..., n_out); DoRA's initial magnitude."""
+    return jnp.sqrt(jnp.sum(jnp.square(w), axis=-2))
+
+
+def dora_weight(v: jax.Array, magnitude: jax.Array) -> jax.Array:
+    """The merged DoRA weight ``m * v / ||v||`` of ``v: (..., n_in, n_out)``, ``magnitude: (..., n_out)``."""
+    norm = jax.lax.stop_gradient(column_norm(v))[..., None, :]
+    return magnitude[..., None, :] * v / norm
 
 
 def factored_column_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
@@ -73,3 +83,9 @@ def factored_column_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale: float)
     cross = jnp.sum((w.T @ a).T * b, axis=0)
     delta2 = jnp.sum(b * ((a.T @ a) @ b), axis=0)
     return jnp.sqrt(jnp.maximum(w_norm2 + 2 * scale * cross + scale**2 * delta2, 0.0))
+
+
+def dora_output_scale(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, magnitude: jax.Array) -> jax.Array:
+    """(n_out,) factor ``m / ||w + scale a @ b||`` that turns the factored output ``x (w + s a b)``
+    into DoRA's, computed without forming the sum (see :func:`factored_column_norm`)."""
+    return magnitude / jax.lax.stop_gradient(factored_column_norm(w, a, b, scale))

@@ -9,7 +9,8 @@
     baselines.py   majority class, TF-IDF + logistic regression
     prompting.py   zero-/few-shot prompting of an instruct decoder
 
-``finetune`` and ``restore`` pull in transformers and orbax, so they are imported on first use.
+``run`` and ``predict`` pull in transformers and orbax: import them as modules
+(``from flaxlora.qqp.run import finetune``; ``flaxlora.restore`` is the predictor's entry point).
 """
 
 from flaxlora.qqp.config import PRESETS, RunConfig
@@ -24,29 +25,15 @@ from flaxlora.qqp.data import (
     split_of,
 )
 
-_LAZY = {"finetune": "flaxlora.qqp.run", "restore": "flaxlora.qqp.predict", "Predictor": "flaxlora.qqp.predict"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'flaxlora.qqp' has no attribute {name!r}")
-
-
 __all__ = [
     "PRESETS",
     "SPLITS",
     "UNLABELLED",
     "LoadReport",
-    "Predictor",
     "QQPData",
     "QQPSplit",
     "RunConfig",
-    "finetune",
     "load_qqp",
     "pair_key",
-    "restore",
     "split_of",
 ]

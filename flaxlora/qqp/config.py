@@ -5,7 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
+
+from flaxlora.data.batching import check_buckets
 from flaxlora.lora.config import LoraConfig
+from flaxlora.training.step import check_decay, check_lora_path
+
+# RunConfig.dtype -> the compute dtype of the model.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Target regexes on '/'-joined parameter paths, for BERT/RoBERTa and Llama names alike.
 QV_TARGETS = r"(query|value|q_proj|v_proj)/kernel$"
@@ -76,26 +83,23 @@ class RunConfig:
             (self.accum_steps >= 1 and self.batch_size % self.accum_steps == 0,
              f"batch_size {self.batch_size} must be a multiple of accum_steps {self.accum_steps}"),
             (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
-            (not self.buckets or (list(self.buckets) == sorted(set(self.buckets)) and self.buckets[-1] == self.max_length
-                                  and self.buckets[0] >= 1),
-             f"buckets must be increasing lengths ending at max_length {self.max_length}, got {self.buckets}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
-            (self.decay in ("linear", "cosine"), f"decay must be 'linear' or 'cosine', got {self.decay!r}"),
-            (self.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}"),
-            (self.lora_path in ("merged", "factored"), f"lora_path must be 'merged' or 'factored', got {self.lora_path!r}"),
+            (self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}"),
             (self.log_every >= 1 and self.save_every >= 0 and self.eval_every >= 0,
              "log_every must be >= 1, save_every and eval_every >= 0"),
             (self.eval_examples is None or self.eval_examples >= 1, f"eval_examples must be >= 1, got {self.eval_examples}"),
             (self.rank_budget is None or self.rank_budget >= 1, f"rank_budget must be >= 1, got {self.rank_budget}"),
-            (self.lora.dropout == 0 or self.lora_path == "factored",
-             "LoRA dropout needs lora_path='factored' (the merged path has no adapter input to drop)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.buckets:
+            check_buckets(self.buckets, self.max_length)
+        check_decay(self.decay)
+        check_lora_path(self.lora_path, self.lora)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

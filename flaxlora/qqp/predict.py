@@ -9,8 +9,6 @@ from the orbax checkpoint and merged into it once: inference runs the plain mode
 
 from __future__ import annotations
 
-import argparse
-import csv
 import os
 import sys
 from collections.abc import Sequence
@@ -21,12 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlora.data.batching import default_buckets
+from flaxlora.cli import ArgumentParser
+from flaxlora.data import tables
+from flaxlora.data.batching import default_buckets, inference_batches
 from flaxlora.data.tokenize import encode_pairs, pair_format_for
 from flaxlora.loading import load_pretrained
 from flaxlora.lora.adapters import merge_pretrained
 from flaxlora.qqp.config import RunConfig
-from flaxlora.training.checkpoint import Checkpointer
+from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
 
 
 class Predictor:
@@ -52,14 +52,9 @@ class Predictor:
         encoded = encode_pairs(self.tokenizer, list(q1s), list(q2s), self.max_length,
                                pair_format=self.pair_format, use_cache=False)
         out = np.zeros((len(encoded), 2), np.float32)
-        bucket_of = np.searchsorted(np.asarray(self.buckets), encoded.lengths, side="left")
-        for k, length in enumerate(self.buckets):
-            members = np.flatnonzero(bucket_of == k)
-            for start in range(0, len(members), self.batch_size):
-                rows = members[start : start + self.batch_size]
-                batch = encoded.pad(np.resize(rows, self.batch_size), length)
-                logits = self._forward(self.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                out[rows] = np.asarray(logits[: len(rows)], np.float32)
+        for rows, batch in inference_batches(encoded, self.batch_size, self.buckets):
+            logits = self._forward(self.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            out[rows] = np.asarray(logits[: len(rows)], np.float32)
         return out
 
     def predict_proba(self, q1s: Sequence[str], q2s: Sequence[str]) -> np.ndarray:
@@ -69,15 +64,6 @@ class Predictor:
     def predict(self, q1s: Sequence[str], q2s: Sequence[str]) -> np.ndarray:
         """(n,) int labels: 1 duplicate, 0 not."""
         return self.logits(q1s, q2s).argmax(axis=-1).astype(np.int32)
-
-
-def checkpoint_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        return path / "checkpoints"
-    if path.is_dir():
-        return path
-    raise FileNotFoundError(f"no run or checkpoint folder at {path}")
 
 
 def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 64) -> Predictor:
@@ -97,25 +83,28 @@ def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 
 
 def _read_pairs(path: str) -> tuple[list[str], list[str], list[Any]]:
     """Question pairs from a TSV with a header naming question1 and question2 (GLUE's), or two columns."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if not rows:
-        raise ValueError(f"{path} is empty")
-    header = rows[0]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no TSV file at {path}")
+    table = tables.read_tsv(Path(path))
+    header = [h.strip() for h in table.header]
     if "question1" in header and "question2" in header:
         i, j = header.index("question1"), header.index("question2")
         ids = header.index("id") if "id" in header else None
-        body = rows[1:]
-    else:
-        i, j, ids, body = 0, 1, None, rows
-    bad = [n for n, r in enumerate(body, start=2 if body is not rows else 1) if len(r) <= max(i, j)]
+        rows = table.rows
+    else:  # no header: the first line is a pair too
+        i, j, ids = 0, 1, None
+        rows = [(1, list(table.header)), *table.rows] if table.header else list(table.rows)
+    if not rows:
+        raise ValueError(f"{path} holds no question pairs")
+    bad = [line for line, fields in rows if fields is None or len(fields) <= max(i, j)]
     if bad:
-        raise ValueError(f"{path}: rows {bad[:5]} have too few columns")
-    return [r[i] for r in body], [r[j] for r in body], [r[ids] if ids is not None else n for n, r in enumerate(body)]
+        raise ValueError(f"{path}: lines {bad[:5]} have too few columns")
+    fields = [f for _, f in rows]
+    return [f[i] for f in fields], [f[j] for f in fields], [f[ids] if ids is not None else n for n, f in enumerate(fields)]
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m flaxlora.predict", description="Predict QQP duplicates with a saved run.")
+    p = ArgumentParser(prog="python -m flaxlora.predict", description="Predict QQP duplicates with a saved run.")
     p.add_argument("--checkpoint", required=True, help="run output folder or its checkpoints/ folder")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--q1", action="append", help="first question (repeatable, paired with --q2)")
@@ -134,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             q1s, q2s, ids = args.q1, args.q2, list(range(len(args.q1)))
         predictor = restore(args.checkpoint, args.step)
     except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"flaxlora.predict: error: {err}")
+        p.fail(err)
     logits = predictor.logits(q1s, q2s)
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1)[:, 1])
     lines = ["id\tis_duplicate\tp_duplicate"]

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlora.data.batching import default_buckets
+from flaxlora.data.batching import default_buckets, inference_batches
+from flaxlora.data.tokenize import EncodedPairs
 from flaxlora.models.llama import last_token
 
 INSTRUCTION = "Do these two questions ask the same thing? Answer Yes or No.\nQuestion 1: {q1}\nQuestion 2: {q2}"
@@ -66,18 +67,8 @@ def yes_no_margin(pretrained, prompts: Sequence[str], batch_size: int = 16, max_
     longest = max(map(len, encoded))
     if longest > max_length:
         raise ValueError(f"a prompt has {longest} tokens > max_length {max_length}")
-    buckets = np.asarray(default_buckets(max(64, 1 << (longest - 1).bit_length()), num_buckets=4, multiple=32))
+    buckets = default_buckets(max(64, 1 << (longest - 1).bit_length()), num_buckets=4, multiple=32)
     out = np.zeros(len(prompts), np.float32)
-    lengths = np.array([len(e) for e in encoded])
-    bucket_of = np.searchsorted(buckets, lengths)
-    for k, length in enumerate(buckets):
-        members = np.flatnonzero(bucket_of == k)
-        for start in range(0, len(members), batch_size):
-            rows = np.resize(members[start : start + batch_size], batch_size)
-            ids = np.full((batch_size, length), tokenizer.pad_token_id, np.int32)
-            mask = np.zeros((batch_size, length), np.int32)
-            for r, i in enumerate(rows):
-                ids[r, : lengths[i]], mask[r, : lengths[i]] = encoded[i], 1
-            real = min(batch_size, len(members) - start)
-            out[rows[:real]] = np.asarray(margin(pretrained.params, ids, mask))[:real]
+    for rows, batch in inference_batches(EncodedPairs.from_rows(encoded, tokenizer.pad_token_id), batch_size, buckets):
+        out[rows] = np.asarray(margin(pretrained.params, batch["input_ids"], batch["attention_mask"]))[: len(rows)]
     return out

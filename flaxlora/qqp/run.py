@@ -7,7 +7,7 @@ logs, checkpoints, evaluates and writes ``output_dir``:
     metrics.jsonl    one JSON object per logged train step; evaluations carry "split"
     tb/              TensorBoard events
     curves.png       training loss and evaluation accuracy / MCC
-    checkpoints/     orbax checkpoints, one folder per step (see flaxlora.checkpoint)
+    checkpoints/     orbax checkpoints, one folder per step (see flaxlora.training.checkpoint)
 """
 
 from __future__ import annotations
@@ -34,16 +34,15 @@ from flaxlora.lora.optim import lora_optimizer
 from flaxlora.lora.rank_allocation import allocate
 from flaxlora.lora.summary import summarize
 from flaxlora.models import LOGICAL_AXIS_RULES, logical_partition_specs
-from flaxlora.qqp.config import RunConfig
+from flaxlora.qqp.config import DTYPES, RunConfig
 from flaxlora.qqp.data import load_qqp
-from flaxlora.qqp.reporting import RunLog, mean_throughput, plot_curves
+from flaxlora.qqp.reporting import RunLog, mean_throughput, peak_rss_mib, plot_curves
 from flaxlora.training import sharding
 from flaxlora.training.checkpoint import Checkpointer
 from flaxlora.training.evaluation import evaluate, make_eval_step
 from flaxlora.training.metrics import weighted_cross_entropy
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Fields that may change when resuming (the budget and logging), all others must match.
 RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints", "cache_dir")
 
@@ -73,7 +72,7 @@ def _check_resumable(saved: dict[str, Any], run: RunConfig) -> None:
 
 def allocate_ranks(run: RunConfig, pretrained, train_data, buckets) -> RunConfig:
     """``run`` with its LoRA ranks spread over the targets by gradient importance (see
-    :mod:`flaxlora.rank_allocation`), measured on the first ``allocation_batches`` batches of a
+    :mod:`flaxlora.lora.rank_allocation`), measured on the first ``allocation_batches`` batches of a
     separately seeded pass over the training data."""
     batches = TrainIterator(train_data, run.batch_size, buckets, seed=run.seed + 1)
 
@@ -203,6 +202,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
         "train_tokens_per_s": mean_throughput(run_log.records),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
+        "peak_rss_MiB": peak_rss_mib(),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "seed": run.seed,
         "run": run.to_dict(),

@@ -4,7 +4,7 @@
     sharding.py     the (data, fsdp, tensor) mesh; where batches and weights are placed
     evaluation.py   the jitted evaluation loop (accuracy, F1, MCC, loss)
     metrics.py      weighted cross-entropy and confusion-count metrics, usable under jit
-    checkpoint.py   orbax checkpoints of the train state (imported on first use: orbax is heavy)
+    checkpoint.py   orbax checkpoints of the train state (import it as a module: orbax is heavy)
 
 A classifier is any linen module called as ``model.apply({"params": p}, input_ids,
 attention_mask, token_type_ids, deterministic=...) -> (batch, classes)``; a batch is a dict of
@@ -29,17 +29,7 @@ from flaxlora.training.step import (
     train_step,
 )
 
-
-def __getattr__(name: str):
-    if name == "Checkpointer":
-        from flaxlora.training.checkpoint import Checkpointer
-
-        return Checkpointer
-    raise AttributeError(f"module 'flaxlora.training' has no attribute {name!r}")
-
-
 __all__ = [
-    "Checkpointer",
     "StepOptions",
     "TrainState",
     "confusion_counts",

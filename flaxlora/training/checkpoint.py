@@ -13,6 +13,7 @@ The frozen base model is not saved: it is rebuilt from the saved config.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,7 +24,7 @@ from flaxlora.training.step import TrainState
 
 
 class Checkpointer:
-    """Save and restore :class:`~flaxlora.train.TrainState` plus JSON metadata with orbax."""
+    """Save and restore :class:`~flaxlora.training.step.TrainState` plus JSON metadata with orbax."""
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3, read_only: bool = False):
         self.directory = os.path.abspath(os.fspath(directory))
@@ -110,3 +111,13 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The checkpoints/ folder of a run output folder, or ``path`` itself if it is one."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    if path.is_dir():
+        return path
+    raise FileNotFoundError(f"no run or checkpoint folder at {path}")

@@ -66,16 +66,30 @@ def init_train_state(
     return state, frozen
 
 
+LORA_PATHS = ("merged", "factored")
+DECAYS = ("linear", "cosine")
+
+
+def check_lora_path(lora_path: str, config: LoraConfig) -> None:
+    """ValueError unless ``lora_path`` is one of ``LORA_PATHS`` and can apply ``config``."""
+    if lora_path not in LORA_PATHS:
+        raise ValueError(f"lora_path must be one of {LORA_PATHS}, got {lora_path!r}")
+    if lora_path == "merged" and config.dropout > 0:
+        raise ValueError("LoRA dropout acts on the adapter's input: use lora_path='factored' with dropout > 0")
+
+
+def check_decay(decay: str) -> None:
+    if decay not in DECAYS:
+        raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
+
+
 def logits_fn(model: nn.Module, config: LoraConfig, lora_path: str = "merged") -> LogitsFn:
     """``f(frozen, trainable, batch, rng) -> logits (batch, classes)``; ``rng=None`` evaluates.
 
     lora_path: ``"merged"`` forms ``W + s a@b`` once per call (no LoRA dropout); ``"factored"``
     computes ``x@W + s (dropout(x)@a)@b`` and never copies a weight.
     """
-    if lora_path not in ("merged", "factored"):
-        raise ValueError(f"lora_path must be 'merged' or 'factored', got {lora_path!r}")
-    if lora_path == "merged" and config.dropout > 0:
-        raise ValueError("LoRA dropout acts on the adapter's input: use lora_path='factored' with dropout > 0")
+    check_lora_path(lora_path, config)
 
     def apply(frozen: PyTree, trainable: PyTree, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
         args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
@@ -176,12 +190,8 @@ def jit_train_step(
 
 def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int, decay: str = "linear") -> optax.Schedule:
     """Linear warmup to ``peak``, then ``"linear"`` or ``"cosine"`` decay to 0 at ``total_steps``."""
+    check_decay(decay)
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     rest = max(total_steps - warmup_steps, 1)
-    if decay == "linear":
-        after = optax.linear_schedule(peak, 0.0, rest)
-    elif decay == "cosine":
-        after = optax.cosine_decay_schedule(peak, rest)
-    else:
-        raise ValueError(f"decay must be 'linear' or 'cosine', got {decay!r}")
+    after = optax.linear_schedule(peak, 0.0, rest) if decay == "linear" else optax.cosine_decay_schedule(peak, rest)
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), after], [warmup_steps])
