@@ -21,6 +21,7 @@ from flaxlora.cli import ArgumentParser
 from flaxlora.qqp.config import PRESETS, RunConfig
 from flaxlora.qqp.reporting import one_screen_summary
 from flaxlora.qqp.run import finetune
+from flaxlora.training.distributed import Cluster, initialize
 
 DEFAULT_PRESET = "enhanced"
 
@@ -70,7 +71,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-path", choices=("merged", "factored"), help="merged W+sAB or factored xW+s(xA)B")
     p.add_argument("--cache-dir", help="tokenisation cache (default ~/.cache/flaxlora or $FLAXLORA_CACHE_DIR)")
     p.add_argument("--distributed", action="store_true",
-                   help="multi-host: call jax.distributed.initialize() first (TPU pods, multi-node GPU)")
+                   help="multi-host: join a cluster JAX detects by itself (TPU pods, SLURM, Open MPI)")
+    p.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0's coordinator "
+                                         "(with --num-processes and --process-id)")
+    p.add_argument("--num-processes", type=int, help="multi-process: how many processes take part")
+    p.add_argument("--process-id", type=int, help="multi-process: this process's id, 0..N-1")
+    p.add_argument("--coordinator-timeout", type=int, default=120,
+                   help="seconds to wait for the coordinator and the other processes (default 120)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -89,22 +96,46 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     return config
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parser().parse_args(argv)
-    if args.distributed:
-        import jax
+def default_output_dir(preset: str, seed: int) -> str:
+    """runs/qqp-PRESET-sSEED-TIME, with process 0's time on every process."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
 
-        jax.distributed.initialize()
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    now = int(time.time())
+    if jax.process_count() > 1:
+        now = int(multihost_utils.broadcast_one_to_all(np.int64(now)))
+    return f"runs/qqp-{preset}-s{seed}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = parser()
+    args = p.parse_args(argv)
+    config = run_config(args)
+    try:
+        cluster = Cluster.parse(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as err:
+        p.error(str(err))
+    if cluster and args.distributed:
+        p.error("--distributed detects the cluster; --coordinator/--num-processes/--process-id name it: give one or the other")
+    if cluster or args.distributed:
+        try:
+            initialize(cluster, timeout_s=args.coordinator_timeout)
+        except RuntimeError as err:
+            p.fail(err)
+    import jax
+
+    main_process = jax.process_index() == 0
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s", force=True)
     for noisy in ("absl", "jax", "orbax", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    config = run_config(args)
-    output_dir = args.output_dir or f"runs/qqp-{args.preset}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    output_dir = args.output_dir or default_output_dir(args.preset, config.seed)
     try:
         results = finetune(config, output_dir, resume=args.resume, progress=not args.quiet)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        parser().fail(err)
-    print(one_screen_summary(results, output_dir))
+        p.fail(err)
+    if main_process:
+        print(one_screen_summary(results, output_dir))
     return results
 
 

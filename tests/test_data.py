@@ -403,23 +403,6 @@ def test_resume_from_saved_state_is_exact():
     assert resumed.state == original.state == {"epoch": 1, "step_in_epoch": 5}
 
 
-def test_host_sharding_partitions_global_batches():
-    data, batch_size, buckets = _synthetic(), 16, (16, 32, 48, 64)
-    whole = TrainIterator(data, batch_size, buckets, seed=1)
-    hosts = [
-        TrainIterator(data, batch_size, buckets, seed=1, process_index=i, process_count=4)
-        for i in range(4)
-    ]
-    for _ in range(whole.steps_per_epoch + 2):
-        global_batch = next(whole)
-        parts = [next(host) for host in hosts]
-        for name, value in global_batch.items():
-            assert parts[0][name].shape[0] == batch_size // 4
-            np.testing.assert_array_equal(np.concatenate([p[name] for p in parts]), value)
-    with pytest.raises(ValueError, match="divisible"):
-        TrainIterator(data, batch_size, buckets, seed=1, process_index=0, process_count=3)
-
-
 def test_eval_covers_every_example_once_with_weights():
     data, batch_size, buckets = _synthetic(n=101), 16, (16, 32, 48, 64)
     batches = list(eval_batches(data, batch_size, buckets))
@@ -433,13 +416,6 @@ def test_eval_covers_every_example_once_with_weights():
     np.testing.assert_array_equal(np.sort(seen), np.arange(len(data)))
     again = np.concatenate([_examples(b) for b in eval_batches(data, batch_size, buckets)])
     np.testing.assert_array_equal(again, seen)
-    shards = [
-        list(eval_batches(data, batch_size, buckets, process_index=i, process_count=2))
-        for i in range(2)
-    ]
-    for whole, *halves in zip(batches, *shards):
-        for name, value in whole.items():
-            np.testing.assert_array_equal(np.concatenate([h[name] for h in halves]), value)
 
 
 def test_real_sample_batches(minilm_tokenizer, sample, tmp_path):

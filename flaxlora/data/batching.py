@@ -8,8 +8,9 @@ once, and only its last batch, padded to full size with copies of weight 0, is e
 The batch shapes are (batch_size, bucket) for the given buckets only, so nothing recompiles.
 
 A batch is a dict of numpy arrays: input_ids, attention_mask, token_type_ids (batch, seq) int32,
-labels (batch,) int32 and weights (batch,) float32 (1 real, 0 padding). With several hosts,
-each yields rows ``[i * b : (i + 1) * b]`` of every global batch, ``b = batch_size / count``.
+labels (batch,) int32 and weights (batch,) float32 (1 real, 0 padding). A batch is the global
+batch: with several processes each builds the same one (cheap: token ids are in memory), and
+:func:`flaxlora.training.sharding.global_batch` copies to each device only the rows it holds.
 """
 
 from __future__ import annotations
@@ -75,27 +76,13 @@ def _plan(
     return plan
 
 
-def _check_hosts(batch_size: int, process_index: int, process_count: int) -> int:
-    """The per-host batch size."""
-    if batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    return batch_size // process_count
-
-
-def _assemble(
-    data: EncodedPairs, planned: _Planned, batch_size: int, process_index: int, process_count: int
-) -> Batch:
-    """This host's rows of the global batch ``planned``, padded with weight-0 copies."""
+def _assemble(data: EncodedPairs, planned: _Planned, batch_size: int) -> Batch:
+    """The batch ``planned``, padded to ``batch_size`` rows with weight-0 copies."""
     length, indices = planned
     rows = np.resize(indices, batch_size)  # Repeats real examples to fill the batch.
-    weights = (np.arange(batch_size) < len(indices)).astype(np.float32)
-    per_host = batch_size // process_count
-    mine = slice(process_index * per_host, (process_index + 1) * per_host)
-    batch = data.pad(rows[mine], length)
-    batch["labels"] = data.labels[rows[mine]].astype(np.int32)
-    batch["weights"] = weights[mine]
+    batch = data.pad(rows, length)
+    batch["labels"] = data.labels[rows].astype(np.int32)
+    batch["weights"] = (np.arange(batch_size) < len(indices)).astype(np.float32)
     return batch
 
 
@@ -114,21 +101,16 @@ class TrainIterator(Iterator[Batch]):
         buckets: Sequence[int],
         *,
         seed: int,
-        process_index: int = 0,
-        process_count: int = 1,
         state: dict[str, Any] | None = None,
     ):
         if not len(data):
             raise ValueError("no training examples")
         if np.any(data.labels < 0):
             raise ValueError("training examples must all be labelled")
-        _check_hosts(batch_size, process_index, process_count)
         self.data = data
         self.batch_size = batch_size
         self.buckets = tuple(buckets)
         self.seed = seed
-        self.process_index = process_index
-        self.process_count = process_count
         self.steps_per_epoch = math.ceil(len(data) / batch_size)
         self._bucket_of = _bucket_of(data, self.buckets)
         self._epoch, self._step = 0, 0
@@ -154,13 +136,7 @@ class TrainIterator(Iterator[Batch]):
             rng = np.random.default_rng([self.seed, self._epoch])
             self._epoch_plan = _plan(self._bucket_of, self.buckets, self.batch_size, rng)
             self._plan_epoch = self._epoch
-        batch = _assemble(
-            self.data,
-            self._epoch_plan[self._step],
-            self.batch_size,
-            self.process_index,
-            self.process_count,
-        )
+        batch = _assemble(self.data, self._epoch_plan[self._step], self.batch_size)
         self._step += 1
         if self._step == self.steps_per_epoch:
             self._epoch, self._step = self._epoch + 1, 0
@@ -175,15 +151,7 @@ def inference_batches(data: EncodedPairs, batch_size: int, buckets: Sequence[int
         yield rows, data.pad(np.resize(rows, batch_size), length)
 
 
-def eval_batches(
-    data: EncodedPairs,
-    batch_size: int,
-    buckets: Sequence[int],
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> Iterator[Batch]:
+def eval_batches(data: EncodedPairs, batch_size: int, buckets: Sequence[int]) -> Iterator[Batch]:
     """Each example once, in fixed order (by bucket, then index): ceil(n / batch_size) batches."""
-    _check_hosts(batch_size, process_index, process_count)
     plan = _plan(_bucket_of(data, buckets), buckets, batch_size, rng=None)
-    return (_assemble(data, p, batch_size, process_index, process_count) for p in plan)
+    return (_assemble(data, p, batch_size) for p in plan)

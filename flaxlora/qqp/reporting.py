@@ -17,15 +17,16 @@ log = logging.getLogger(__name__)
 class RunLog:
     """metrics.jsonl + TensorBoard; on resume, records after the restored step are dropped.
 
-    Only the writing host (``enabled``, process 0 on several hosts) touches the files; every
-    host keeps ``records``.
+    Only the writing process (``enabled``: process 0 of several) reads and writes the files, so
+    no process reads metrics.jsonl while another rewrites it; the others keep only the records
+    of this session.
     """
 
     def __init__(self, output_dir: Path, resume_step: int | None, enabled: bool = True):
         self.path = output_dir / "metrics.jsonl"
         self.enabled = enabled
         records = []
-        if resume_step is not None and self.path.exists():
+        if enabled and resume_step is not None and self.path.exists():
             records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
         self.records = records
         self._tb = None

@@ -125,8 +125,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
         apply, tx, mesh, state, frozen_shardings,
         training.StepOptions(accum_steps=run.accum_steps, label_smoothing=run.label_smoothing),
     )
-    iterator = TrainIterator(encoded["train"], run.batch_size, buckets, seed=run.seed,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+    iterator = TrainIterator(encoded["train"], run.batch_size, buckets, seed=run.seed)
     state = jax.device_put(state, state_shardings)
     if resume_step is not None:  # restored straight into the run's shardings
         state, meta = ckpt.restore(state, resume_step)
@@ -140,8 +139,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     eval_step = make_eval_step(pretrained.model, mesh, frozen_shardings)
 
     def run_eval(split: str, record_as: str) -> dict[str, Any]:
-        batches = eval_batches(encoded[split], run.eval_batch_size, buckets,
-                               process_index=jax.process_index(), process_count=jax.process_count())
+        batches = eval_batches(encoded[split], run.eval_batch_size, buckets)
         result = evaluate(pretrained.model, merge_fn(frozen, state.trainable), batches, mesh, frozen_shardings, eval_step)
         run_log.write({"step": int(state.step), "split": record_as, **result})
         return result

@@ -2,6 +2,7 @@
 
     step.py         TrainState, the jitted sharded train step, learning-rate schedule
     sharding.py     the (data, fsdp, tensor) mesh; where batches and weights are placed
+    distributed.py  several processes, one mesh (jax.distributed, gloo on CPUs)
     evaluation.py   the jitted evaluation loop (accuracy, F1, MCC, loss)
     metrics.py      weighted cross-entropy and confusion-count metrics, usable under jit
     checkpoint.py   orbax checkpoints of the train state (import it as a module: orbax is heavy)

@@ -91,6 +91,12 @@ def logical_shardings(params: PyTree, logical_specs: PyTree, mesh: Mesh, rules) 
 
 
 def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble this host's rows of a global batch into arrays sharded over the batch axes."""
+    """Place a global batch, which every process holds whole, sharded over the batch axes.
+
+    Each process copies only the rows its own devices hold, whatever the mesh: with a batch
+    axis spanning processes they hold different rows; where a process's devices replicate the
+    batch (e.g. ``tensor=8`` over 2 processes) every process feeds the same rows, as JAX needs.
+    """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    return {k: jax.make_array_from_callback(np.shape(v), sharding, lambda index, v=np.asarray(v): v[index])
+            for k, v in batch.items()}
