@@ -88,7 +88,7 @@ def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 
     with Checkpointer(checkpoint_dir(path), read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference(step)
     run = RunConfig.from_dict(meta["run"])
-    pretrained = load_pretrained(run.model, num_labels=2, seed=run.seed)
+    pretrained = load_pretrained(run.model, num_labels=2, label_words=run.label_words, seed=run.seed)
     params = jax.jit(lambda p, t: merge_pretrained(p, t["lora"], run.lora, t["extras"]))(pretrained.params, trainable)
     return Predictor(pretrained.model, params, pretrained.tokenizer,
                      pair_format_for(pretrained.kind),
