@@ -7,6 +7,8 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 
 import huggingface_hub.constants
 import jax
@@ -25,6 +27,7 @@ from flaxlora.data.tokenize import T5_PROMPT, encode_pairs
 from flaxlora.interop import export, load_peft, save_peft
 from flaxlora.loading import load_pretrained
 from flaxlora.loading.pretrained import label_token_ids
+from flaxlora.lora.targets import resolve_targets
 from flaxlora.models import (
     LOGICAL_AXIS_RULES,
     T5Config,
@@ -242,6 +245,10 @@ def test_t5_adapters_export_to_peft(preset, t5_folder, tmp_path):
     reference = pretrained.tokenizer(q1s, q2s, padding="max_length", max_length=batch["input_ids"].shape[1])
     np.testing.assert_array_equal(batch["input_ids"], reference["input_ids"])  # exactly tokenizer(q1, q2)
 
+    kernels = {p for p in pytree.flatten(pretrained.params) if p.endswith("/kernel")}
+    expected = {p for p in kernels if (p.split("/")[-2] in ("q", "v") if preset == "lora"
+                                       else not p.startswith("classification_head/"))}
+    assert set(resolve_targets(pretrained.params, config)) == expected
     base, lora, extras = random_adapter(pretrained.params, config)
     merged = flaxlora.merge(base, lora, config, extras)
     ours = np.asarray(jax.jit(pretrained.model.apply)({"params": merged}, batch["input_ids"], batch["attention_mask"]))
@@ -285,7 +292,9 @@ def run_flags(folder, data_dir, out, *extra):
 def test_qqp_run_on_a_transformers_t5_classifier_exports_a_merged_model(t5_folder, data_dir, tmp_path):
     out, merged = tmp_path / "run", tmp_path / "merged"
     load_script().main(run_flags(t5_folder, data_dir, out))  # the default, enhanced, preset
-    export.main(["--checkpoint", str(out), "--format", "merged", "--out", str(merged)])
+    cli = subprocess.run([sys.executable, "-m", "flaxlora.export", "--checkpoint", str(out), "--format", "merged",
+                          "--out", str(merged)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert cli.returncode == 0, cli.stderr[-2000:]
     model = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
     test = load_qqp(data_dir)["test"]
