@@ -34,6 +34,7 @@ from flaxlora.models import (
     init_params,
     logical_partition_specs,
     sequence_classifier,
+    text_to_text_classifier,
 )
 from flaxlora.models.t5 import relative_position_buckets
 from flaxlora.qqp.config import ENHANCED_LORA, PLAIN_LORA
@@ -334,3 +335,22 @@ def test_t5_config_defaults_follow_transformers():
     assert (config.num_decoder_layers, config.decoder_start_token_id, config.scale_decoder_outputs) == (3, 5, False)
     assert (config.dense_act_fn, config.is_gated_act) == ("gelu_new", True)
     assert dataclasses.replace(config, feed_forward_proj="relu").dense_act_fn == "relu"
+
+
+@pytest.mark.parametrize("text_to_text", [False, True], ids=["classifier", "text-to-text"])
+def test_factored_lora_path_matches_merged(text_to_text):
+    """The factored path reaches every T5 projection, cross-attention and both classifiers included."""
+    from toy_models import perturb_b
+
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=not text_to_text)
+    model = text_to_text_classifier(config, ((5, 6), (7,))) if text_to_text else sequence_classifier(config)
+    params = init_params(model, jax.random.key(0))
+    lora_config = ENHANCED_LORA.replace(trainable=None, use_dora=True)
+    lora = perturb_b(flaxlora.init_lora(params, lora_config, jax.random.key(1)))
+    ids = np.array([[9, 10, 11, 1, 12, 13, 1, 0], [14, 1, 15, 16, 1, 0, 0, 0]], np.int32)
+    mask = (ids != 0).astype(np.int32)
+    merged = jax.jit(lambda p, a: model.apply({"params": flaxlora.merge(p, a, lora_config)}, ids, mask))(params, lora)
+    factored = jax.jit(lambda p, a: flaxlora.apply_factored(model, {"params": p}, a, lora_config, ids, mask))(params, lora)
+    plain = jax.jit(lambda p: model.apply({"params": p}, ids, mask))(params)
+    assert max_diff(merged, factored) < 1e-4 and max_diff(merged, plain) > 1e-3
