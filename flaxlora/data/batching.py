@@ -144,11 +144,16 @@ class TrainIterator(Iterator[Batch]):
 
 
 def inference_batches(data: EncodedPairs, batch_size: int, buckets: Sequence[int]) -> Iterator[tuple[np.ndarray, Batch]]:
-    """``(rows, batch)`` covering each example once, as :func:`eval_batches` orders them: ``rows``
-    (<= batch_size,) are the example indices held by the first ``len(rows)`` rows of ``batch``
-    (input_ids, attention_mask, token_type_ids); the rest repeat them as padding."""
-    for length, rows in _plan(_bucket_of(data, buckets), buckets, batch_size, rng=None):
-        yield rows, data.pad(np.resize(rows, batch_size), length)
+    """``(rows, batch)`` covering each example once, bucket by bucket: ``rows`` (<= batch_size,)
+    are the example indices held by the first ``len(rows)`` rows of ``batch`` (input_ids,
+    attention_mask, token_type_ids); the rest repeat them as padding. Unlike training and
+    evaluation batches, nothing moves to a longer bucket: each example is padded to its own."""
+    bucket_of = _bucket_of(data, buckets)
+    for k, length in enumerate(buckets):
+        members = np.flatnonzero(bucket_of == k)
+        for start in range(0, len(members), batch_size):
+            rows = members[start : start + batch_size]
+            yield rows, data.pad(np.resize(rows, batch_size), length)
 
 
 def eval_batches(data: EncodedPairs, batch_size: int, buckets: Sequence[int]) -> Iterator[Batch]:

@@ -1,10 +1,13 @@
 """Question pairs to token ids, for encoders (pair template) and decoders (prompt), cached on disk.
 
 ``pair_format="template"`` uses the tokenizer's own pair template (BERT: ``[CLS] q1 [SEP] q2
-[SEP]`` with token_type_ids 0/1), truncated longest-first. ``pair_format="prompt"`` is for
-decoder tokenizers with no pair template: whatever the tokenizer puts in front of a single
-sequence (e.g. BOS), then ``PROMPT`` filled with the two questions (truncated longest-first to
-fit), then the EOS token, whose position the classifier pools; token_type_ids are all 0.
+[SEP]`` with token_type_ids 0/1; T5: ``q1 </s> q2 </s>``, all 0), truncated longest-first, as
+``tokenizer(q1, q2)`` encodes a pair. ``pair_format="prompt"`` is for decoder tokenizers with no
+pair template: whatever the tokenizer puts in front of a single sequence (e.g. BOS), then
+``PROMPT`` filled with the two questions (truncated longest-first to fit), then the EOS token,
+whose position the classifier pools; token_type_ids are all 0. ``pair_format="text"`` is the
+same with the T5 paper's GLUE QQP input ``T5_PROMPT``, ``qqp question1: q1 question2: q2</s>``,
+for text-to-text T5.
 """
 
 from __future__ import annotations
@@ -26,10 +29,16 @@ import numpy as np
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-PairFormat = Literal["template", "prompt"]
+PairFormat = Literal["template", "prompt", "text"]
 PAIR_FORMATS = get_args(PairFormat)
 # The prompt around the two questions; each question is tokenised with a leading space.
 PROMPT = ("Question 1:", "\nQuestion 2:", "\nDuplicate?")
+# The T5 paper's text-to-text input for GLUE QQP (Raffel et al. 2020, appendix D).
+T5_PROMPT = ("qqp question1:", " question2:", "")
+PROMPTS = {"prompt": PROMPT, "text": T5_PROMPT}
+# Model kind (flaxlora.loading.Pretrained.kind) -> pair format.
+KIND_FORMATS: dict[str, PairFormat] = {"encoder": "template", "encoder-decoder": "template", "decoder": "prompt",
+                                       "text-to-text": "text"}
 CACHE_ENV = "FLAXLORA_CACHE_DIR"
 _CACHE_VERSION = 1
 _CHUNK = 1024
@@ -98,8 +107,9 @@ class EncodedPairs:
 
 
 def pair_format_for(kind: str) -> PairFormat:
-    """The pair format of a model kind: ``"template"`` for encoders, ``"prompt"`` for decoders."""
-    return "template" if kind == "encoder" else "prompt"
+    """The pair format of a model kind: ``"template"`` for encoders and the T5 classifier,
+    ``"prompt"`` for decoders, ``"text"`` for text-to-text T5."""
+    return KIND_FORMATS[kind]
 
 
 def default_cache_dir() -> Path:
@@ -150,11 +160,12 @@ def _encode_template(
 
 
 def _encode_prompt(
-    tokenizer: PreTrainedTokenizerFast, q1s: Sequence[str], q2s: Sequence[str], max_length: int
+    tokenizer: PreTrainedTokenizerFast, q1s: Sequence[str], q2s: Sequence[str], max_length: int,
+    prompt: tuple[str, str, str] = PROMPT,
 ) -> tuple[list[list[int]], list[list[int]]]:
     if tokenizer.eos_token_id is None:
-        raise ValueError('pair_format="prompt" needs a tokenizer with an eos token')
-    head, middle, tail = (_ids(tokenizer, [text])[0] for text in PROMPT)
+        raise ValueError(f"the prompt {prompt} needs a tokenizer with an eos token")
+    head, middle, tail = (_ids(tokenizer, [text])[0] if text else [] for text in prompt)
     head = _leading_special_ids(tokenizer) + head
     tail = tail + [tokenizer.eos_token_id]
     budget = max_length - len(head) - len(middle) - len(tail)
@@ -181,8 +192,10 @@ def _encode(
     max_length: int,
     pair_format: PairFormat,
 ) -> EncodedPairs:
-    encode = _encode_template if pair_format == "template" else _encode_prompt
-    ids, types = encode(tokenizer, q1s, q2s, max_length)
+    if pair_format == "template":
+        ids, types = _encode_template(tokenizer, q1s, q2s, max_length)
+    else:
+        ids, types = _encode_prompt(tokenizer, q1s, q2s, max_length, PROMPTS[pair_format])
     return EncodedPairs.from_rows(ids, _pad_id(tokenizer), types, labels)
 
 
@@ -216,7 +229,7 @@ def fingerprint(
         "special": [tokenizer.eos_token_id, _pad_id(tokenizer), tokenizer.truncation_side],
         "max_length": max_length,
         "pair_format": pair_format,
-        "prompt": PROMPT if pair_format == "prompt" else None,
+        "prompt": PROMPTS.get(pair_format),
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for texts in (q1s, q2s):
@@ -277,7 +290,8 @@ def encode_pairs(
       q1s, q2s: (n,) first and second questions.
       max_length: the most tokens per pair, special and prompt tokens included.
       labels: (n,) 0/1 labels, or None for unlabelled (stored as -1).
-      pair_format: ``"template"`` (encoders) or ``"prompt"`` (decoders); see the module doc.
+      pair_format: ``"template"`` (encoders, T5 classifier), ``"prompt"`` (decoders) or
+        ``"text"`` (text-to-text T5); see the module doc.
       cache_dir: where the encoding is cached (default ``default_cache_dir()``), keyed by
         ``fingerprint``; a corrupt cache file is rebuilt.
       use_cache: False to neither read nor write the cache.

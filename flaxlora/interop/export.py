@@ -23,10 +23,10 @@ from flaxlora.loading import known_models, load_pretrained
 from flaxlora.loading.registry import resolve
 from flaxlora.lora.adapters import merge_pretrained
 from flaxlora.qqp.config import RunConfig
+from flaxlora.qqp.data import LABEL_WORDS
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
 
 FORMATS = ("peft", "merged")
-QQP_LABELS = ("not_duplicate", "duplicate")
 
 
 def _replace(staging: Path, out: Path) -> None:
@@ -65,6 +65,9 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
     with Checkpointer(source, read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference(step)
     run = RunConfig.from_dict(meta["run"])
+    if run.text_to_text:
+        raise ValueError("a text-to-text run scores label words with T5's LM head, which neither a PEFT SEQ_CLS "
+                         "adapter nor a sequence-classifier folder expresses: use flaxlora.restore(RUN) instead")
     pretrained = load_pretrained(run.model, num_labels=2, seed=run.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -76,7 +79,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
                       save_modules=pretrained.missing, base_model_name_or_path=base_name)
         else:
             params = merge_pretrained(pretrained.params, trainable["lora"], run.lora, trainable["extras"])
-            save_merged(staging, pretrained, params, QQP_LABELS)
+            save_merged(staging, pretrained, params, LABEL_WORDS)
         _replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

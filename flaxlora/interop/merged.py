@@ -26,7 +26,7 @@ from transformers.models.auto.modeling_auto import (
 
 from flaxlora import pytree
 from flaxlora.loading import Pretrained, to_hf
-from flaxlora.models import LlamaConfig
+from flaxlora.models import LlamaConfig, T5Config
 from flaxlora.models.auto import Config
 
 CONFIG_FILE = "config.json"
@@ -44,6 +44,8 @@ def hf_config(config: Config, labels: Sequence[str] | None = None) -> transforme
         scaling, theta = fields.pop("rope_scaling"), fields.pop("rope_theta")
         rope = {"rope_type": "llama3", **scaling} if scaling else {"rope_type": "default"}
         fields["rope_parameters"] = {**rope, "rope_theta": theta}
+    if isinstance(config, T5Config):  # transformers reads the LM-head rescale from tie_word_embeddings
+        fields["tie_word_embeddings"] = fields.pop("scale_decoder_outputs")
     hf = transformers.AutoConfig.for_model(model_type, **fields)
     hf.architectures = [MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[model_type]]
     if labels is not None:
@@ -81,6 +83,9 @@ def save_merged(
       params: a plain params tree for ``pretrained.model``, e.g. from :func:`flaxlora.merge`.
       labels: class names for id2label, or None.
     """
+    if pretrained.kind == "text-to-text":
+        raise ValueError("a text-to-text T5 classifier has no classification head: it cannot be saved as a "
+                         "sequence classifier")
     hf = hf_config(pretrained.config, labels)
     tokenizer = pretrained.tokenizer
     if pretrained.kind == "decoder":

@@ -73,6 +73,14 @@ class HFFolder:
                     f"shards (PyTorch .bin checkpoints are not read; convert them to safetensors).")
         return files
 
+    def tensor_names(self) -> set[str]:
+        """The names of the checkpoint's tensors (read from the file headers only)."""
+        names = set()
+        for file in self.weight_files():
+            with safe_open(file, framework="np") as st:
+                names.update(st.keys())
+        return names
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, numpy array) for every tensor, one at a time."""
         for file in self.weight_files():

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,13 @@ from flaxlora.loading.convert import params_from_hf
 from flaxlora.loading.gguf_file import GGUFFile
 from flaxlora.loading.hf_folder import HFFolder, download
 from flaxlora.loading.registry import HUB_ALIASES, known_models, resolve
-from flaxlora.models import config_from_hf, model_kind, sequence_classifier
+from flaxlora.models import (
+    T5Config,
+    config_from_hf,
+    model_kind,
+    sequence_classifier,
+    text_to_text_classifier,
+)
 from flaxlora.models.auto import Config
 
 log = logging.getLogger(__name__)
@@ -35,7 +42,8 @@ class Pretrained:
         `method='hidden_states'` the backbone output (batch, len, hidden).
       params: plain arrays, paths named after Hugging Face modules.
       tokenizer: right-padding, with a pad token.
-      kind: 'encoder' or 'decoder'.
+      kind: 'encoder', 'decoder', 'encoder-decoder' (a T5 classifier) or 'text-to-text' (T5
+        scoring label words).
       missing: params paths not in the checkpoint, initialised randomly from `seed`.
       unused: checkpoint tensors the model does not use (e.g. an LM head).
     """
@@ -75,10 +83,31 @@ def _for_classification(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokeniz
     return tokenizer
 
 
+def label_token_ids(tokenizer: PreTrainedTokenizerFast, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """The token ids of each label word, without special tokens."""
+    ids = tuple(tuple(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words)
+    empty = [w for w, i in zip(words, ids) if not i]
+    if empty:
+        raise ValueError(f"label words {empty} tokenise to nothing")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label words {list(words)} do not all tokenise differently: {ids}")
+    return ids
+
+
+def _t5_complete(source: HFFolder, missing: tuple[str, ...]) -> None:
+    """ValueError unless the checkpoint has every T5 weight (only a classification head may be new)."""
+    lacking = [m for m in missing if not m.startswith("classification_head/")]
+    if lacking:
+        raise ValueError(f"{source.folder} lacks {len(lacking)} T5 weights, e.g. {', '.join(lacking[:3])}: "
+                         "an encoder-only or other partial checkpoint? A T5 classifier needs the encoder, "
+                         "the decoder and the shared embedding.")
+
+
 def load_pretrained(
     name_or_path: str | os.PathLike,
     num_labels: int = 2,
     *,
+    label_words: Sequence[str] | None = None,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     seed: int = 0,
@@ -90,18 +119,31 @@ def load_pretrained(
         model.safetensors or sharded safetensors), a .gguf file, or a hub id (downloaded with
         `huggingface_hub.snapshot_download`; needs hub access).
       num_labels: classifier outputs.
+      label_words: T5 only: classify text-to-text instead, one class per word, the logit being
+        the decoder's log-likelihood of the word (see `flaxlora.models.T5ForTextToText`); the
+        LM head is the checkpoint's `lm_head` when it has one, else the shared embedding.
       dtype: computation dtype; param_dtype: storage dtype of params.
       seed: seeds the weights the checkpoint lacks (heads, a missing pooler).
 
     Raises:
       FileNotFoundError: no such model, or a folder lacks config.json / weights.
-      ValueError: unsupported architecture or tokenizer, or a tensor shape mismatch.
+      ValueError: unsupported architecture or tokenizer, a tensor shape mismatch, label words
+        for a model that is not T5, or a T5 checkpoint without its decoder.
     """
     source = _open(name_or_path)
-    config = config_from_hf(source.config(), num_labels=num_labels)
-    model = sequence_classifier(config, dtype=dtype, param_dtype=param_dtype)
+    config = config_from_hf(source.config(), num_labels=len(label_words) if label_words else num_labels)
+    tokenizer = _for_classification(source.tokenizer())
+    if label_words:
+        if isinstance(config, T5Config) and "lm_head.weight" in source.tensor_names():
+            config = dataclasses.replace(config, tie_word_embeddings=False)
+        model = text_to_text_classifier(config, label_token_ids(tokenizer, label_words), dtype=dtype,
+                                        param_dtype=param_dtype)
+    else:
+        model = sequence_classifier(config, dtype=dtype, param_dtype=param_dtype)
     params, missing, unused = params_from_hf(model, source.tensors(), seed=seed,
                                              param_dtype=param_dtype)
+    if isinstance(config, T5Config):
+        _t5_complete(source, missing)
     if missing:
         log.info("Initialised randomly (not in the checkpoint): %s", ", ".join(missing))
     if unused:
@@ -110,8 +152,8 @@ def load_pretrained(
         model=model,
         config=config,
         params=params,
-        tokenizer=_for_classification(source.tokenizer()),
-        kind=model_kind(config),
+        tokenizer=tokenizer,
+        kind="text-to-text" if label_words else model_kind(config),
         missing=missing,
         unused=unused,
     )

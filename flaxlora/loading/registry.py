@@ -37,6 +37,9 @@ HUB_ALIASES: dict[str, str] = {
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
     "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "t5-small": "google-t5/t5-small",
+    "t5-base": "google-t5/t5-base",
+    "flan-t5-base": "google/flan-t5-base",
 }
 
 

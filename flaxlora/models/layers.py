@@ -48,27 +48,44 @@ class Block(nn.Module):
         return nn.with_logical_partitioning(init, axes)
 
     def dense(
-        self, features: int, axes: tuple[str, str], *, use_bias: bool = True, name: str | None = None
+        self,
+        features: int,
+        axes: tuple[str, str],
+        *,
+        use_bias: bool = True,
+        stddev: float | None = None,
+        name: str | None = None,
     ) -> nn.Dense:
-        """`nn.Dense` with kernel (in, out) named `axes`, N(0, initializer_range) init."""
+        """`nn.Dense` with kernel (in, out) named `axes`, N(0, stddev or initializer_range) init."""
+        stddev = self.config.initializer_range if stddev is None else stddev
         return nn.Dense(
             features,
             use_bias=use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=self._init(nn.initializers.normal(self.config.initializer_range), axes),
+            kernel_init=self._init(nn.initializers.normal(stddev), axes),
             bias_init=self._init(nn.initializers.zeros_init(), axes[1:]),
             **({"name": name} if name else {}),
         )
 
-    def embed(self, num: int, axes: tuple[str, str], *, name: str | None = None) -> nn.Embed:
-        """`nn.Embed` of `num` rows of width hidden_size, table named `axes`."""
+    def embed(
+        self,
+        num: int,
+        axes: tuple[str, str],
+        *,
+        features: int | None = None,
+        stddev: float | None = None,
+        name: str | None = None,
+    ) -> nn.Embed:
+        """`nn.Embed` of `num` rows of width `features` (default hidden_size), table named `axes`,
+        N(0, stddev or initializer_range) init."""
+        stddev = self.config.initializer_range if stddev is None else stddev
         return nn.Embed(
             num,
-            self.config.hidden_size,
+            self.config.hidden_size if features is None else features,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            embedding_init=self._init(nn.initializers.normal(self.config.initializer_range), axes),
+            embedding_init=self._init(nn.initializers.normal(stddev), axes),
             **({"name": name} if name else {}),
         )
 
@@ -107,13 +124,14 @@ class Stack(Block):
         return x
 
 
-def attention_weights(q: Array, k: Array, mask: Array) -> Array:
+def attention_weights(q: Array, k: Array, mask: Array, bias: Array | None = None) -> Array:
     """Softmax attention probabilities, with grouped-query support.
 
     Args:
       q: (batch, q_len, heads, head_dim) queries, already scaled.
       k: (batch, kv_len, kv_heads, head_dim) keys; heads must be a multiple of kv_heads.
       mask: (batch, q_len or 1, kv_len) bool, True where attending is allowed.
+      bias: (batch or 1, heads, q_len, kv_len) added to the scores (T5's position bias), or None.
 
     Returns:
       (batch, kv_heads, heads // kv_heads, q_len, kv_len) probabilities in q's dtype. A row
@@ -123,6 +141,8 @@ def attention_weights(q: Array, k: Array, mask: Array) -> Array:
     kv_heads = k.shape[2]
     q = q.reshape(b, s, kv_heads, h // kv_heads, d)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k).astype(jnp.float32)
+    if bias is not None:
+        scores += bias.reshape(bias.shape[0], kv_heads, h // kv_heads, *bias.shape[2:]).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1).astype(q.dtype)
 

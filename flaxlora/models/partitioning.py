@@ -14,6 +14,8 @@ Logical axes:
   mlp          feed-forward width
   norm         LayerNorm / RMSNorm parameters
   positions    absolute position embedding rows
+  buckets      relative position bucket rows (T5)
+  head_count   one column per attention head (T5's relative position bias)
   token_types  token type embedding rows
   classes      classification labels
 """
@@ -38,6 +40,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("norm", None),
     ("positions", None),
+    ("buckets", None),
+    ("head_count", None),
     ("token_types", None),
     ("classes", None),
 )

@@ -13,20 +13,26 @@ from flaxlora.training.step import check_decay, check_lora_path
 
 # RunConfig.dtype -> the compute dtype of the model.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from flaxlora.qqp.data import LABEL_WORDS
 
-# Target regexes on '/'-joined parameter paths, for BERT/RoBERTa and Llama names alike.
-QV_TARGETS = r"(query|value|q_proj|v_proj)/kernel$"
+# Target regexes on '/'-joined parameter paths, for BERT/RoBERTa, Llama and T5 names alike
+# (T5: PEFT's q, v; all linear: q, k, v, o of self- and cross-attention, wi or wi_0/wi_1, wo).
+QV_TARGETS = r"(query|value|q_proj|v_proj)/kernel$|/(q|v)/kernel$"
 ALL_LINEAR_TARGETS = (r"(query|key|value|attention/output/dense|intermediate/dense|layer/\d+/output/dense"
-                      r"|q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$")
+                      r"|q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
+                      r"|/(q|k|v|o|wi|wi_0|wi_1|wo)/kernel$")
 # The same plus BERT's pooler (a dense layer between the encoder and the classifier).
 ALL_LINEAR_POOLER_TARGETS = ALL_LINEAR_TARGETS.replace("(query|", "(query|pooler/dense|")
-# The classification head of each family: BERT's pooler + classifier, RoBERTa's classifier, Llama's score.
-HEAD = r"^(bert/pooler|roberta/pooler|classifier|score)/"
+# The classifier of each family: BERT's and RoBERTa's classifier, Llama's score, T5's classification_head.
+CLASSIFIER = r"^(classifier|score|classification_head)/"
+# The classification head of each family: the classifier plus BERT's pooler.
+HEAD = r"^(bert/pooler|roberta/pooler|classifier|score|classification_head)/"
 # Every bias and norm plus the classifier (BitFit, Ben Zaken et al. 2022), without pooler kernels.
-BITFIT = r"^(classifier|score)/|/bias$|LayerNorm/|layernorm/|^model/norm/"
+# T5 has no biases: its layer norms and head.
+BITFIT = CLASSIFIER + r"|/bias$|LayerNorm/|layernorm/|layer_norm/|^model/norm/"
 
 # Hu et al.'s LoRA: query and value projections, r = 8, alpha = 16, with the classifier trained.
-PLAIN_LORA = LoraConfig(rank=8, alpha=16.0, targets=QV_TARGETS, trainable=r"^(classifier|score)/")
+PLAIN_LORA = LoraConfig(rank=8, alpha=16.0, targets=QV_TARGETS, trainable=CLASSIFIER)
 # The enhanced LoRA of this project, chosen by validation MCC in experiments/ablation.py (README):
 # rank 8 on every linear layer (and the pooler), rsLoRA scaling alpha / sqrt(r), with the biases,
 # norms and classifier trained (BitFit).
@@ -46,6 +52,7 @@ class RunConfig:
     from_hub: bool = False
     max_length: int = 128
     buckets: tuple[int, ...] | None = None  # None: flaxlora.data.batching.default_buckets(max_length)
+    text_to_text: bool = False  # T5: logits = the decoder's scores of the label words LABEL_WORDS, no head
 
     lora: LoraConfig = PLAIN_LORA
     rank_budget: int | None = None  # importance-based rank allocation: total rank spread over the targets
@@ -100,6 +107,11 @@ class RunConfig:
             check_buckets(self.buckets, self.max_length)
         check_decay(self.decay)
         check_lora_path(self.lora_path, self.lora)
+
+    @property
+    def label_words(self) -> tuple[str, ...] | None:
+        """The label words a text-to-text run scores (None: a classification head)."""
+        return LABEL_WORDS if self.text_to_text else None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -26,6 +26,8 @@ SPLITS = ("train", "validation", "test")
 REASONS = ("unparseable", "wrong_column_count", "empty_question", "bad_label")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 UNLABELLED = -1
+# Labels 0 and 1 as words: the T5 paper's text-to-text targets for QQP, and the exports' id2label.
+LABEL_WORDS = ("not_duplicate", "duplicate")
 _ID_COLUMNS = ("id", "idx", "pair_id", "test_id")
 _LABEL_COLUMNS = ("label", "is_duplicate")
 _MAX_PROBLEMS = 20

@@ -28,6 +28,9 @@ from flaxlora.lora.adapters import merge_pretrained
 from flaxlora.qqp.config import RunConfig
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
 
+# The longest pair a restored T5 classifier scores without truncation.
+T5_MAX_LENGTH = 4096
+
 
 class Predictor:
     """Duplicate-question classifier: a model with merged params and its tokenizer.
@@ -69,16 +72,21 @@ class Predictor:
 def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 64) -> Predictor:
     """A :class:`Predictor` from a run's output folder or its ``checkpoints/`` folder.
 
-    ``step`` picks a checkpoint (default: the latest).
+    ``step`` picks a checkpoint (default: the latest). Pairs are truncated to the run's max_length,
+    except for a T5 classifier: its relative positions set no limit, so it scores whole pairs (up
+    to ``T5_MAX_LENGTH`` tokens), as ``tokenizer(q1, q2)`` with the merged export does.
     """
     with Checkpointer(checkpoint_dir(path), read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference(step)
     run = RunConfig.from_dict(meta["run"])
-    pretrained = load_pretrained(run.model, num_labels=2, seed=run.seed)
+    pretrained = load_pretrained(run.model, num_labels=2, label_words=run.label_words, seed=run.seed)
     params = jax.jit(lambda p, t: merge_pretrained(p, t["lora"], run.lora, t["extras"]))(pretrained.params, trainable)
-    return Predictor(pretrained.model, params, pretrained.tokenizer,
-                     pair_format_for(pretrained.kind),
-                     run.max_length, run.buckets or default_buckets(run.max_length), batch_size)
+    max_length, buckets = run.max_length, run.buckets or default_buckets(run.max_length)
+    if pretrained.kind == "encoder-decoder":
+        max_length = max(max_length, T5_MAX_LENGTH)
+        buckets = (*buckets, *(n for n in (2**k for k in range(20)) if buckets[-1] < n <= max_length))
+    return Predictor(pretrained.model, params, pretrained.tokenizer, pair_format_for(pretrained.kind), max_length,
+                     buckets, batch_size)
 
 
 def _read_pairs(path: str) -> tuple[list[str], list[str], list[Any]]:
