@@ -59,12 +59,13 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
-from flaxlora import lora as lora_api
 from flaxlora import pytree
 from flaxlora.interop.names import ancestors, module_name, tensor_name, tensor_names
 from flaxlora.loading import to_hf
 from flaxlora.loading.hf_folder import read_safetensors
 from flaxlora.lora import (
+    INITS,
+    RESIDUAL_INITS,
     LoraConfig,
     adapters_by_path,
     init_adapter,
@@ -98,8 +99,8 @@ UNSUPPORTED = ("layers_to_transform", "layers_pattern", "exclude_modules", "targ
 # PEFT init_lora_weights -> ours: True / False is PEFT's default init (ours too), the others share
 # our names. The rest (LoftQ, CorDA, randomised SVD, ...) alter the base weights in ways not
 # reproduced here.
-INITS = {True: LoraConfig.init, False: LoraConfig.init,
-         **{name: name for name in lora_api.INITS if name != LoraConfig.init}}
+PEFT_INITS = {True: LoraConfig.init, False: LoraConfig.init,
+              **{name: name for name in INITS if name != LoraConfig.init}}
 MERGED_INSTEAD = "export the merged model instead (save_merged, or --format merged)"
 
 
@@ -289,7 +290,7 @@ def save_peft(
     bias = "none" if not loose else "lora_only" if all(module_name(p) in adapted for p in loose) else "all"
 
     factor, alpha_factor = 1, 1.0
-    if config.init in lora_api.RESIDUAL_INITS:
+    if config.init in RESIDUAL_INITS:
         factor, alpha_factor = 2, (math.sqrt(2) if config.scaling == "rslora" else 2.0)
         adapters = _against_original_base(params, adapters, config)
     tensors = {}
@@ -359,9 +360,9 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{file} lacks {', '.join(missing)}")
     init = settings.get("init_lora_weights", True)
-    if not isinstance(init, (bool, str)) or init not in INITS:
+    if not isinstance(init, (bool, str)) or init not in PEFT_INITS:
         raise ValueError(f"{file}: init_lora_weights={init!r} changes the base weights in a way not reproduced "
-                         f"here (supported: {list(INITS)}); convert it to plain LoRA in PEFT with "
+                         f"here (supported: {list(PEFT_INITS)}); convert it to plain LoRA in PEFT with "
                          "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
     return settings
 
@@ -503,7 +504,7 @@ def load_peft(folder: str | os.PathLike, params: PyTree) -> PeftAdapter:
         rank_pattern=_patterns(ranks, rank, *OUR_KEYS),
         alpha_pattern=_patterns(alphas, alpha, *OUR_KEYS),
         dropout=float(settings.get("lora_dropout") or 0.0),
-        init=INITS[settings.get("init_lora_weights", True)],
+        init=PEFT_INITS[settings.get("init_lora_weights", True)],
         scaling="rslora" if settings.get("use_rslora") else "standard",
         use_dora=use_dora,
         trainable=_selecting(extras, flat) if extras else None,
