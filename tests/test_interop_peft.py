@@ -310,11 +310,15 @@ def smollm2_pad_id(smollm2):
 
 
 @pytest.fixture(scope="module")
-def smollm2_torch(smollm2_pad_id):
-    """The PyTorch SmolLM2 classifier from the same GGUF file (loaded once: ~30 s; copy it per use)."""
+def smollm2_torch(smollm2, smollm2_pad_id):
+    """The PyTorch SmolLM2 classifier from the same GGUF file, built as the model card's code builds it
+    (loaded once: ~30 s; copy it per use)."""
+    args = export.base_args("smollm2-135m", smollm2)
     gguf = resolve("smollm2-135m")
-    return transformers.AutoModelForSequenceClassification.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, num_labels=2, pad_token_id=smollm2_pad_id)
+    assert args == f"{str(gguf.parent)!r}, gguf_file={gguf.name!r}, num_labels=2, pad_token_id={smollm2_pad_id}"
+    model = eval(f"transformers.AutoModelForSequenceClassification.from_pretrained({args})")
+    assert model.config.pad_token_id == smollm2_pad_id
+    return model
 
 
 @pytest.mark.parametrize("preset", ["lora", "enhanced", "head", "full"])

@@ -64,7 +64,7 @@ def base_reference(model: str) -> tuple[str, str | None]:
     return (str(path.parent), path.name) if path.suffix == ".gguf" else (str(path), None)
 
 
-def _base_args(model: str, pretrained: Pretrained) -> str:
+def base_args(model: str, pretrained: Pretrained) -> str:
     """The arguments of ``AutoModelForSequenceClassification.from_pretrained`` for the base model."""
     folder, gguf = base_reference(model)
     args = repr(folder) + (f", gguf_file={gguf!r}" if gguf else "") + f", num_labels={len(QQP_LABELS)}"
@@ -124,7 +124,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
         else:
             save_merged(staging, pretrained, merge_pretrained(pretrained.params, lora, run.lora, extras), QQP_LABELS)
         info = ExportInfo(
-            fmt=fmt, folder=str(out), model=run.model, base=base, base_args=_base_args(run.model, pretrained),
+            fmt=fmt, folder=str(out), model=run.model, base=base, base_args=base_args(run.model, pretrained),
             preset=next((name for name, preset in PRESETS.items() if preset.lora == run.lora), None),
             lora=run.lora, summary=summarize(pretrained.params, lora, run.lora, extras), step=step,
             results=_results(source), labels=QQP_LABELS, inputs=_inputs(run, pretrained), peft_config=peft_config)
