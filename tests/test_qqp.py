@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -118,8 +119,11 @@ def test_predict_cli(finished_run, tmp_path):
                                     capture_output=True, text=True, timeout=300, cwd=ROOT)
     single = run("--q1", "How do I cook rice?", "--q2", "How should I cook rice?")
     assert single.returncode == 0, single.stderr[-2000:]
+    # Nothing but the result: no orbax/absl warnings, no progress bars.
+    assert single.stderr == "" and re.fullmatch(r"id\tis_duplicate\tp_duplicate\n0\t[01]\t[01]\.\d{6}\n", single.stdout)
     batch = run("--tsv", str(tsv), "--out", str(tmp_path / "pred.tsv"))
     assert batch.returncode == 0, batch.stderr[-2000:]
+    assert (batch.stdout, batch.stderr) == ("", "")
     rows = list(csv.reader((tmp_path / "pred.tsv").open(), delimiter="\t"))
     assert rows[0] == ["id", "is_duplicate", "p_duplicate"] and [r[0] for r in rows[1:]] == ["x1", "x2"]
     assert single.stdout.splitlines()[1].split("\t")[2] == rows[1][2]  # same pair, same probability

@@ -5,7 +5,8 @@
     fine_tuned = adapter.merged(params)               # = merge_pretrained(params, lora, config, extras)
     save_merged(folder, pretrained, fine_tuned, labels)  # for AutoModelForSequenceClassification
 
-``python -m flaxlora.export`` does the same from a training run's checkpoint.
+``python -m flaxlora.export`` does the same from a training run's checkpoint, and writes a model
+card (README.md, :mod:`flaxlora.interop.card`) into either folder.
 """
 
 from flaxlora.interop.merged import classification_pad_token, hf_config, save_merged

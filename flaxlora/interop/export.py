@@ -6,23 +6,30 @@
 ``peft``: a PEFT LoRA adapter folder for ``peft.PeftModel.from_pretrained(base, out)`` (see
 :mod:`flaxlora.interop.peft`); ``merged``: the fine-tuned model as a Hugging Face folder for
 ``transformers.AutoModelForSequenceClassification.from_pretrained(out)`` (see
-:mod:`flaxlora.interop.merged`). The export is written to a new folder next to ``--out`` and
-renamed into place, so an existing ``--out`` (replaced only with ``--force``) survives any error.
+:mod:`flaxlora.interop.merged`). Both carry a model card, README.md (see
+:mod:`flaxlora.interop.card`), with the run's held-out metrics from its results.json. The export
+is written to a new folder next to ``--out`` and renamed into place, so an existing ``--out``
+(replaced only with ``--force``) survives any error. Nothing but the result line is printed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 
 from flaxlora.cli import ArgumentParser
-from flaxlora.interop import save_merged, save_peft
-from flaxlora.loading import known_models, load_pretrained
-from flaxlora.loading.registry import resolve
-from flaxlora.lora.adapters import merge_pretrained
-from flaxlora.qqp.config import RunConfig
+from flaxlora.data.tokenize import PROMPT, pair_format_for
+from flaxlora.interop.card import FILE as CARD_FILE
+from flaxlora.interop.card import ExportInfo, model_card
+from flaxlora.interop.merged import classification_pad_token, save_merged
+from flaxlora.interop.peft import save_peft
+from flaxlora.loading import Pretrained, known_models, load_pretrained
+from flaxlora.loading.registry import HUB_ALIASES, resolve
+from flaxlora.lora import merge_pretrained, summarize
+from flaxlora.qqp.config import PRESETS, RunConfig
 from flaxlora.qqp.data import LABEL_WORDS
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
 
@@ -42,6 +49,41 @@ def _replace(staging: Path, out: Path) -> None:
         old.rename(out)
         raise
     shutil.rmtree(old)
+
+
+def base_reference(model: str) -> tuple[str, str | None]:
+    """(folder or hub id, .gguf file name in it or None) of a run's base model, for transformers."""
+    path = resolve(model) if model in known_models() else Path(model)
+    if not path.exists():
+        return HUB_ALIASES.get(model, model), None
+    path = path.resolve()
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() and not (path / "config.json").exists() else []
+    path = ggufs[0] if len(ggufs) == 1 else path
+    return (str(path.parent), path.name) if path.suffix == ".gguf" else (str(path), None)
+
+
+def base_args(model: str, pretrained: Pretrained) -> str:
+    """The arguments of ``AutoModelForSequenceClassification.from_pretrained`` for the base model."""
+    folder, gguf = base_reference(model)
+    args = repr(folder) + (f", gguf_file={gguf!r}" if gguf else "") + f", num_labels={len(LABEL_WORDS)}"
+    if pretrained.kind == "decoder":
+        pad = pretrained.tokenizer.convert_tokens_to_ids(classification_pad_token(pretrained.tokenizer))
+        args += f", pad_token_id={pad}"
+    return args
+
+
+def _inputs(run: RunConfig, pretrained: Pretrained) -> str:
+    if pair_format_for(pretrained.kind) == "template":  # encoders and the T5 classifier
+        return f"the tokenizer's text pair, `tokenizer(question1, question2)`, at most {run.max_length} tokens"
+    prompt = "".join(f"{part} {{q{i}}}" for i, part in enumerate(PROMPT[:2], 1)) + PROMPT[2]
+    return (f"the prompt {prompt!r} then the eos token, at most {run.max_length} tokens, padded with "
+            f"{classification_pad_token(pretrained.tokenizer)!r} (`flaxlora.encode_pairs(..., pair_format=\"prompt\")`)")
+
+
+def _results(source: Path) -> dict | None:
+    """The run's results.json (next to its checkpoints/ folder), or None."""
+    file = source.parent / "results.json"
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, step: int | None = None,
@@ -64,22 +106,30 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
         raise FileExistsError(f"{out} is not empty: pass --force to replace it")
     with Checkpointer(source, read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference(step)
+        step = ckpt.latest_step() if step is None else step
     run = RunConfig.from_dict(meta["run"])
     if run.text_to_text:
         raise ValueError("a text-to-text run scores label words with T5's LM head, which neither a PEFT SEQ_CLS "
                          "adapter nor a sequence-classifier folder expresses: use flaxlora.restore(RUN) instead")
-    pretrained = load_pretrained(run.model, num_labels=2, seed=run.seed)
+    pretrained = load_pretrained(run.model, num_labels=len(LABEL_WORDS), seed=run.seed)
+    lora, extras = trainable["lora"], trainable["extras"]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
+        folder, gguf = base_reference(run.model)
+        base, peft_config = str(Path(folder) / gguf) if gguf else folder, None
         if fmt == "peft":
-            base_name = str(resolve(run.model)) if run.model in known_models() else run.model
-            save_peft(staging, pretrained.params, trainable["lora"], run.lora, trainable["extras"],
-                      save_modules=pretrained.missing, base_model_name_or_path=base_name)
+            peft_config = save_peft(staging, pretrained.params, lora, run.lora, extras, save_modules=pretrained.missing,
+                                    base_model_name_or_path=base)
         else:
-            params = merge_pretrained(pretrained.params, trainable["lora"], run.lora, trainable["extras"])
-            save_merged(staging, pretrained, params, LABEL_WORDS)
+            save_merged(staging, pretrained, merge_pretrained(pretrained.params, lora, run.lora, extras), LABEL_WORDS)
+        info = ExportInfo(
+            fmt=fmt, folder=str(out), model=run.model, base=base, base_args=base_args(run.model, pretrained),
+            preset=next((name for name, preset in PRESETS.items() if preset.lora == run.lora), None),
+            lora=run.lora, summary=summarize(pretrained.params, lora, run.lora, extras), step=step,
+            results=_results(source), labels=LABEL_WORDS, inputs=_inputs(run, pretrained), peft_config=peft_config)
+        (staging / CARD_FILE).write_text(model_card(info), encoding="utf-8")
         _replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

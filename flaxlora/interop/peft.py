@@ -7,17 +7,30 @@ tensors are named after the PyTorch modules of the ``*ForSequenceClassification`
     base_model.model.<module>.lora_A.weight          (r, in)    a.T
     base_model.model.<module>.lora_B.weight          (out, r)   b.T
     base_model.model.<module>.lora_magnitude_vector  (out,)     magnitude (DoRA)
+    base_model.model.<module>.base_layer.bias        (out,)     bias of a LoRA-adapted Linear (bias option)
+    base_model.model.<module>.bias                   (n,)       bias of another module (bias="all")
     base_model.model.<module>.<weight|bias>          each parameter of a ``modules_to_save`` module
 
 PEFT adds ``s * B @ A`` to the (out, in) weight, the transpose of our ``s * a @ b``, with s =
 lora_alpha / r (``use_rslora``: lora_alpha / sqrt(r)) per module from ``rank_pattern`` /
 ``alpha_pattern``; DoRA's magnitude is the same per-output-unit vector.
 
-Fully trained parameters (``LoraConfig.trainable``) become ``modules_to_save``. PEFT saves and
-restores whole modules, so a module with only some parameters trained (e.g. a LayerNorm's bias)
-is exported whole, its other parameters copied from the base. With ``task_type="SEQ_CLS"``
-PEFT always wraps the head (``classifier`` / ``score``), so the head is always exported: the
-pretrained checkpoints have none (it is initialised randomly on both sides).
+Fully trained parameters (``LoraConfig.trainable``) map to PEFT as follows:
+
+- biases through PEFT's ``bias`` option (BitFit): ``"lora_only"`` when every trained bias
+  outside the modules saved whole belongs to a LoRA-adapted Linear, ``"all"`` otherwise. PEFT
+  then saves (and loads) every such bias, so the untrained ones are written with their base
+  values; those of adapted modules are named ``<module>.base_layer.bias`` (PEFT's wrapper keeps
+  the original Linear as ``base_layer``).
+- every other trained parameter (a norm's scale, the head's kernel) through ``modules_to_save``:
+  PEFT saves and restores whole modules, so its untrained parameters are copied from the base.
+  With ``task_type="SEQ_CLS"`` PEFT always wraps the head (``classifier`` / ``score``), so the
+  head is always exported: the pretrained checkpoints have none (it is initialised randomly on
+  both sides).
+- with no LoRA targets at all (the ``head`` preset), ``target_modules`` is PEFT's
+  ``"dummy-target-modules"``: an adapter of ``modules_to_save`` only. A run that trains every
+  parameter (full fine-tuning) is refused: its adapter would be a second full copy of the model,
+  which the merged export (:mod:`flaxlora.interop.merged`) is without the wrapping.
 
 PiSSA / OLoRA adapters are relative to a residual base ``W - s a0 @ b0``. They are exported as
 PEFT converts them (``save_pretrained(..., path_initial_model_for_weight_conversion=...)``): a
@@ -50,16 +63,17 @@ from flaxlora import pytree
 from flaxlora.interop.names import ancestors, module_name, tensor_name, tensor_names
 from flaxlora.loading import to_hf
 from flaxlora.loading.hf_folder import read_safetensors
-from flaxlora.lora import variants
-from flaxlora.lora.adapters import (
+from flaxlora.lora import (
+    INITS,
+    RESIDUAL_INITS,
+    LoraConfig,
     adapters_by_path,
     init_adapter,
+    lora_candidates,
     matched_adapters,
     merge_pretrained,
     with_extras,
 )
-from flaxlora.lora.config import LoraConfig
-from flaxlora.lora.targets import lora_candidates
 from flaxlora.pytree import PyTree
 
 PREFIX = "base_model.model."
@@ -69,20 +83,33 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 SEQ_CLS_HEADS = ("classifier", "score")
 # PEFT tensor suffix -> adapter leaf.
 LORA_TENSORS = {"lora_A.weight": "a", "lora_B.weight": "b", "lora_magnitude_vector": "magnitude"}
+# PEFT's bias option: which biases are trained and saved besides the adapters.
+BIASES = ("none", "lora_only", "all")
+# PEFT's LoRA wrapper keeps the adapted Linear as this child: its bias is '<module>.base_layer.bias'.
+BASE_LAYER = "base_layer"
+# With bias="all" PEFT also saves the biases of these children of a modules_to_save wrapper: the
+# original (unused once wrapped) and a duplicate of the saved one, which PEFT's load ignores.
+WRAPPER_COPIES = ("original_module", "modules_to_save")
+# peft.utils.constants.DUMMY_TARGET_MODULES: an adapter without LoRA layers (modules_to_save only).
+NO_TARGETS = "dummy-target-modules"
 # adapter_config.json options that change what a module computes and are not supported here.
 UNSUPPORTED = ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters",
                "fan_in_fan_out", "lora_bias", "use_qalora", "alora_invocation_tokens",
                "trainable_token_indices", "layer_replication", "use_bdlora")
-# PEFT init_lora_weights -> ours. Others (LoftQ, CorDA, randomised SVD, ...) alter the base
-# weights in ways not reproduced here.
-INITS = {True: "lora", False: "lora", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# PEFT init_lora_weights -> ours: True / False is PEFT's default init (ours too), the others share
+# our names. The rest (LoftQ, CorDA, randomised SVD, ...) alter the base weights in ways not
+# reproduced here.
+PEFT_INITS = {True: LoraConfig.init, False: LoraConfig.init,
+              **{name: name for name in INITS if name != LoraConfig.init}}
+MERGED_INSTEAD = "export the merged model instead (save_merged, or --format merged)"
 
 
 class PeftAdapter(NamedTuple):
-    """An imported adapter: the adapter tree, the modules_to_save parameters and a LoraConfig.
+    """An imported adapter: the adapter tree, the fully trained parameters and a LoraConfig.
 
     ``config.init`` is "pissa" / "olora" for an unconverted PEFT PiSSA / OLoRA adapter, which
     applies to the residual of the base weights (PEFT recomputes it on load, as does :meth:`merged`).
+    ``extras`` holds the modules_to_save parameters and the biases of the bias option.
     """
 
     lora: PyTree
@@ -92,6 +119,10 @@ class PeftAdapter(NamedTuple):
     def merged(self, params: PyTree) -> PyTree:
         """The fine-tuned params for the pretrained ``params``."""
         return merge_pretrained(params, self.lora, self.config, self.extras)
+
+
+def _is_bias(path: str) -> bool:
+    return path.endswith("/bias")
 
 
 def _wrapped(module: str, modules_to_save: Iterable[str]) -> bool:
@@ -114,6 +145,8 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
 
 def _targeted(target_modules: str | Iterable[str], module: str) -> bool:
     """PEFT's target_modules rule: a regex matches the whole name, a list entry its last components."""
+    if target_modules == NO_TARGETS:
+        return False
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, module) is not None
     return any(module == t or module.endswith("." + t) for t in target_modules)
@@ -129,12 +162,26 @@ def _saved_leaves(params: PyTree, modules_to_save: Iterable[str]) -> list[str]:
     return [p for p in pytree.flatten(params) if _wrapped(module_name(p), modules_to_save)]
 
 
-def _target_modules(targets: set[str], modules: set[str], modules_to_save: list[str]) -> list[str]:
-    """The shortest PEFT ``target_modules``: last name components (["query", "value"]) when they
-    select exactly ``targets``, else the full module names."""
-    short = sorted({t.rpartition(".")[2] for t in targets})
-    selected = {m for m in modules if _targeted(short, m) and not _excluded(m, modules_to_save)}
-    return short if selected == targets else sorted(targets)
+def _bias_leaves(params: PyTree, bias: str, adapted: Iterable[str], modules_to_save: Iterable[str]) -> list[str]:
+    """Params paths of the biases PEFT saves for its ``bias`` option, besides ``modules_to_save``."""
+    if bias == "none":
+        return []
+    adapted, wrapped = set(adapted), set(_saved_leaves(params, modules_to_save))
+    return [p for p in pytree.flatten(params) if _is_bias(p) and p not in wrapped
+            and (bias == "all" or module_name(p) in adapted)]
+
+
+def _bias_name(path: str, adapted: Iterable[str]) -> str:
+    """The PEFT tensor name of the bias at ``path`` ('<module>.base_layer.bias' in adapted modules)."""
+    module = module_name(path)
+    return f"{PREFIX}{module}.{BASE_LAYER}.bias" if module in adapted else PREFIX + tensor_name(path)
+
+
+def _shortest(names: set[str], modules: set[str], selects: Callable[[list[str], str], bool]) -> list[str]:
+    """Last name components (["query", "value"]) when they ``selects`` exactly ``names`` among
+    ``modules``, else the full names."""
+    short = sorted({n.rpartition(".")[2] for n in names})
+    return short if {m for m in modules if selects(short, m)} == names else sorted(names)
 
 
 def _patterns(values: Mapping[str, Any], default: Any, last: Callable[[str], str],
@@ -160,6 +207,17 @@ def _patterns(values: Mapping[str, Any], default: Any, last: Callable[[str], str
 OUR_KEYS = (lambda p: p.split("/")[-2], lambda s: rf"(^|/){re.escape(s)}/kernel$", lambda p: rf"^{re.escape(p)}$")
 
 
+def _selecting(paths: Iterable[str], universe: Iterable[str]) -> str:
+    """A regex (``re.search``) selecting exactly ``paths`` among ``universe``: by their module's
+    last name and leaf ('query/kernel') when that suffices, else by full path."""
+    paths = set(paths)
+    tails = sorted({"/".join(p.split("/")[-2:]) for p in paths})
+    short = rf"(^|/)({'|'.join(map(re.escape, tails))})$"
+    if {p for p in universe if re.search(short, p)} == paths:
+        return short
+    return rf"^({'|'.join(map(re.escape, sorted(paths)))})$"
+
+
 def _against_original_base(params: PyTree, adapters: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
     """PiSSA / OLoRA adapters as plain LoRA of rank 2r against ``params``, as PEFT converts them:
     a' = [a, a0] (in, 2r), b' = [b; -b0] (2r, out), so s a' @ b' = s (a @ b - a0 @ b0)."""
@@ -167,6 +225,10 @@ def _against_original_base(params: PyTree, adapters: Mapping[str, Any], config: 
     return {p: {**ad, "a": jnp.concatenate([ad["a"], initial[p]["a"]], axis=-1),
                 "b": jnp.concatenate([ad["b"], -initial[p]["b"]], axis=0)}
             for p, ad in adapters.items()}
+
+
+def _examples(names: list[str]) -> str:
+    return repr(names[0]) + (f" and {len(names) - 1} more" if len(names) > 1 else "")
 
 
 def save_peft(
@@ -178,63 +240,78 @@ def save_peft(
     *,
     save_modules: Iterable[str] = (),
     base_model_name_or_path: str | None = None,
-) -> None:
+) -> dict[str, Any]:
     """Write a PEFT LoRA adapter folder (task_type SEQ_CLS) for the classifier with ``params``.
 
     Args:
       folder: created if needed; adapter_config.json and adapter_model.safetensors are written.
       params: the pretrained params, not a PiSSA / OLoRA residual (the conversion is done here).
-      lora: the adapter tree ``{path: {"a": (in, r), "b": (r, out)[, "magnitude": (out,)]}}``.
+      lora: the adapter tree ``{path: {"a": (in, r), "b": (r, out)[, "magnitude": (out,)]}}``
+        ({} for ``config.targets=None``).
       config: its LoraConfig.
       extras: fully trained params (a tree of some leaves of ``params``), or None.
       save_modules: params paths whose modules are exported whole although not trained, e.g.
         ``Pretrained.missing`` (initialised randomly, so not in the base checkpoint).
       base_model_name_or_path: recorded in adapter_config.json.
 
+    Returns:
+      the adapter_config.json written.
+
     Raises:
-      ValueError: the adapter does not fit ``params``, or cannot be expressed in PEFT (no LoRA
-        targets, a kernel that is not a 2-D Linear weight, a module both adapted and saved whole).
+      ValueError: before anything is written, when the adapter does not fit ``params`` or PEFT
+        cannot express it (a target that is not a 2-D Linear weight, LoRA on a module PEFT saves
+        whole, every parameter trained), naming the setting and the alternative.
     """
-    if config.targets is None:
-        raise ValueError("the run trained no LoRA adapters (targets=None), which PEFT cannot load as an "
-                         "adapter: export the merged model instead")
     targets, adapters = matched_adapters(params, lora, config)
     flat = pytree.flatten(params)
     bad = [p for p, t in targets.items() if t.stack or flat[p].ndim != 2 or not p.endswith("/kernel")]
     if bad:
-        raise ValueError(f"PEFT adapts 2-D Linear weights; these targets are not: {bad[:5]}")
-    modules = {module_name(p): p for p in targets}
-    all_modules = _all_modules(params)
+        raise ValueError(f"PEFT adapts 2-D Linear weights, not the kernel {_examples(bad)} (LoraConfig.targets / "
+                         f"in_axes / stack_axes): {MERGED_INSTEAD}")
     trained = list(pytree.flatten(extras)) if extras else []
     unknown = sorted(set(trained) - set(flat))
     if unknown:
         raise ValueError(f"extras {unknown[:5]} are not parameters of the base model")
-    modules_to_save = sorted({module_name(p) for p in (*trained, *save_modules)}
-                             | {h for h in SEQ_CLS_HEADS if h in all_modules})
-    clash = sorted(m for m in modules if _excluded(m, modules_to_save))
+    adapted = {module_name(p): p for p in targets}
+    all_modules = _all_modules(params)
+    whole = ({module_name(p) for p in trained if not _is_bias(p)} | {module_name(p) for p in save_modules}
+             | {h for h in SEQ_CLS_HEADS if h in all_modules})
+    modules_to_save = _shortest(whole, all_modules, lambda short, m: any(m.endswith(s) for s in short))
+    wrapped = set(_saved_leaves(params, modules_to_save))
+    if wrapped == set(flat):
+        raise ValueError(f"every parameter is trained (LoraConfig.trainable={config.trainable!r}: full fine-tuning), "
+                         f"which a PEFT adapter could only hold as a second full copy of the model: {MERGED_INSTEAD}")
+    clash = sorted(m for m in adapted if _excluded(m, modules_to_save))
     if clash:
-        raise ValueError(f"modules both LoRA-adapted and saved whole (PEFT's modules_to_save "
-                         f"{modules_to_save}) cannot be expressed in PEFT: {clash[:5]}")
+        raise ValueError(f"LoRA on {_examples(clash)} cannot be expressed in PEFT, which saves that module whole "
+                         "(modules_to_save: a trained non-bias parameter, the SEQ_CLS head or a module missing "
+                         f"from the pretrained checkpoint): {MERGED_INSTEAD}")
+    loose = [p for p in trained if p not in wrapped]  # biases only: other trained leaves are wrapped
+    bias = "none" if not loose else "lora_only" if all(module_name(p) in adapted for p in loose) else "all"
 
     factor, alpha_factor = 1, 1.0
-    if config.init in variants.RESIDUAL_INITS:
+    if config.init in RESIDUAL_INITS:
         factor, alpha_factor = 2, (math.sqrt(2) if config.scaling == "rslora" else 2.0)
         adapters = _against_original_base(params, adapters, config)
     tensors = {}
-    for m, p in modules.items():
+    for m, p in adapted.items():
         ad = {k: np.asarray(v, np.float32) for k, v in adapters[p].items()}
         tensors[f"{PREFIX}{m}.lora_A.weight"] = np.ascontiguousarray(ad["a"].T)
         tensors[f"{PREFIX}{m}.lora_B.weight"] = np.ascontiguousarray(ad["b"].T)
         if config.use_dora:
             tensors[f"{PREFIX}{m}.lora_magnitude_vector"] = ad["magnitude"]
-    full = with_extras(params, extras)
-    saved = to_hf(pytree.select(full, _saved_leaves(full, modules_to_save)))
+    full = pytree.flatten(with_extras(params, extras))
+    saved = to_hf(pytree.unflatten({p: full[p] for p in sorted(wrapped)}))
     tensors.update({PREFIX + name: np.asarray(value, np.float32) for name, value in saved.items()})
+    tensors.update({_bias_name(p, adapted): np.asarray(full[p], np.float32)
+                    for p in _bias_leaves(params, bias, adapted, modules_to_save)})
 
     rank, alpha = config.rank * factor, config.alpha * alpha_factor
     last = lambda m: m.rpartition(".")[2]  # noqa: E731
-    ranks = _patterns({m: config.rank_for(p) * factor for m, p in modules.items()}, rank, last, str, str)
-    alphas = _patterns({m: config.alpha_for(p) * alpha_factor for m, p in modules.items()}, alpha, last, str, str)
+    ranks = _patterns({m: config.rank_for(p) * factor for m, p in adapted.items()}, rank, last, str, str)
+    alphas = _patterns({m: config.alpha_for(p) * alpha_factor for m, p in adapted.items()}, alpha, last, str, str)
+    target_modules = NO_TARGETS if not adapted else _shortest(
+        set(adapted), all_modules, lambda short, m: _targeted(short, m) and not _excluded(m, modules_to_save))
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS",
@@ -243,12 +320,12 @@ def save_peft(
         "lora_alpha": alpha,
         "use_rslora": config.scaling == "rslora",
         "use_dora": config.use_dora,
-        "target_modules": _target_modules(set(modules), all_modules, modules_to_save),
+        "target_modules": target_modules,
         "rank_pattern": ranks,
         "alpha_pattern": alphas,
         "modules_to_save": modules_to_save,
         "lora_dropout": config.dropout,
-        "bias": "none",
+        "bias": bias,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -257,6 +334,7 @@ def save_peft(
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
+    return adapter_config
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -275,16 +353,16 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{file}: task_type {settings['task_type']!r}; only SEQ_CLS (sequence "
                          "classification) adapters are supported")
     unsupported = [k for k in UNSUPPORTED if settings.get(k)]
-    unsupported += ["bias"] if settings.get("bias", "none") != "none" else []
+    unsupported += ["bias"] if settings.get("bias", "none") not in BIASES else []
     if unsupported:
         raise ValueError(f"{file}: unsupported PEFT options {', '.join(f'{k}={settings[k]!r}' for k in unsupported)}")
     missing = [k for k in ("r", "lora_alpha", "target_modules") if settings.get(k) is None]
     if missing:
         raise ValueError(f"{file} lacks {', '.join(missing)}")
     init = settings.get("init_lora_weights", True)
-    if not isinstance(init, (bool, str)) or init not in INITS:
+    if not isinstance(init, (bool, str)) or init not in PEFT_INITS:
         raise ValueError(f"{file}: init_lora_weights={init!r} changes the base weights in a way not reproduced "
-                         f"here (supported: {list(INITS)}); convert it to plain LoRA in PEFT with "
+                         f"here (supported: {list(PEFT_INITS)}); convert it to plain LoRA in PEFT with "
                          "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
     return settings
 
@@ -303,7 +381,7 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _split(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """({module: {"a", "b"[, "magnitude"]}} in torch layout, {tensor name: array} of saved modules)."""
+    """({module: {"a", "b"[, "magnitude"]}} in torch layout, {tensor name: array} of the others)."""
     lora: dict[str, dict[str, np.ndarray]] = {}
     saved = {}
     for name, value in tensors.items():
@@ -338,14 +416,37 @@ def _check_shapes(module: str, parts: Mapping[str, np.ndarray], n_in: int, n_out
     return rank
 
 
-def _targets_regex(targets: Iterable[str], params: PyTree) -> str:
-    """``LoraConfig.targets`` selecting exactly ``targets``: by last module name if that suffices."""
-    targets = set(targets)
-    short = sorted({p.split("/")[-2] for p in targets})
-    regex = rf"(^|/)({'|'.join(map(re.escape, short))})/kernel$"
-    if {p for p, _ in lora_candidates(params) if re.search(regex, p)} == targets:
-        return regex
-    return rf"^({'|'.join(map(re.escape, sorted(targets)))})$"
+def _extras(saved: Mapping[str, np.ndarray], params: PyTree, modules_to_save: list[str], bias: str,
+            adapted: set[str]) -> dict[str, jax.Array]:
+    """``{params path: value}`` of the modules_to_save parameters and the biases of the ``bias``
+    option, checked to be exactly what PEFT saves for them."""
+    flat, names = pytree.flatten(params), tensor_names(params)
+    extras = {}
+    for name, value in saved.items():
+        module, _, leaf = name.rpartition(".")
+        owner, _, child = module.rpartition(".")
+        if bias == "all" and leaf == "bias" and child in WRAPPER_COPIES and _wrapped(owner, modules_to_save):
+            continue  # PEFT's copies inside a modules_to_save wrapper, unused once loaded
+        biased = bias != "none" and leaf == "bias" and child == BASE_LAYER and owner in adapted
+        path = names.get(f"{owner}.bias" if biased else name)
+        if path is None:
+            raise ValueError(f"{WEIGHTS_FILE}: tensor {PREFIX + name!r} is not a parameter of the base model")
+        if module in adapted:
+            raise ValueError(f"{WEIGHTS_FILE}: {PREFIX + name} is a parameter of a LoRA-adapted module, which PEFT "
+                             f"keeps as {PREFIX}{module}.{BASE_LAYER}.{leaf} (a tensor of this name is ignored)")
+        value = value.T if path.endswith("/kernel") else value  # torch (out, in) -> (in, out), as to_hf
+        if value.shape != flat[path].shape:
+            raise ValueError(f"{WEIGHTS_FILE}: {PREFIX + name} has shape {value.shape} (in our layout), the base "
+                             f"model's {path} has {flat[path].shape}")
+        extras[path] = jnp.asarray(value, flat[path].dtype)
+    wrapped = set(_saved_leaves(params, modules_to_save))
+    expected = wrapped | set(_bias_leaves(params, bias, adapted, modules_to_save))
+    if set(extras) != expected:
+        peft_name = lambda p: PREFIX + tensor_name(p) if p in wrapped else _bias_name(p, adapted)  # noqa: E731
+        raise ValueError(f"{WEIGHTS_FILE} does not match modules_to_save={modules_to_save} and bias={bias!r}: "
+                         f"missing {sorted(map(peft_name, expected - set(extras)))[:5]}, not saved for them "
+                         f"{sorted(map(peft_name, set(extras) - expected))[:5]}")
+    return extras
 
 
 def load_peft(folder: str | os.PathLike, params: PyTree) -> PeftAdapter:
@@ -353,7 +454,8 @@ def load_peft(folder: str | os.PathLike, params: PyTree) -> PeftAdapter:
 
     Everything is checked against ``params`` before use: tensor names (no unknown modules, none
     missing for what ``target_modules`` selects), shapes, ranks against ``r`` / ``rank_pattern``,
-    the modules_to_save parameters. Only safetensors are read (``adapter_model.bin`` is refused).
+    the modules_to_save parameters and the biases of the ``bias`` option. Only safetensors are
+    read (``adapter_model.bin`` is refused).
 
     Raises:
       FileNotFoundError: no folder, adapter_config.json or adapter_model.safetensors.
@@ -362,7 +464,7 @@ def load_peft(folder: str | os.PathLike, params: PyTree) -> PeftAdapter:
     folder = Path(folder)
     settings = _read_config(folder)
     lora_parts, saved = _split(_read_tensors(folder))
-    if not lora_parts:
+    if not lora_parts and settings["target_modules"] != NO_TARGETS:
         raise ValueError(f"{folder / WEIGHTS_FILE} holds no LoRA tensors (lora_A / lora_B)")
     flat = pytree.flatten(params)
     kernels = {module_name(p): p for p in flat if p.endswith("/kernel") and np.ndim(flat[p]) == 2}
@@ -391,34 +493,21 @@ def load_peft(folder: str | os.PathLike, params: PyTree) -> PeftAdapter:
         lora[path] = {leaf: jnp.asarray(value.T) for leaf, value in parts.items()}
         ranks[path], alphas[path] = r, _pattern_value(settings.get("alpha_pattern") or {}, m, alpha)
 
-    names = tensor_names(params)
-    extras = {}
-    for name, value in saved.items():
-        path = names.get(name)
-        if path is None:
-            raise ValueError(f"{WEIGHTS_FILE}: tensor {PREFIX + name!r} is not a parameter of the base model")
-        value = value.T if path.endswith("/kernel") else value  # torch (out, in) -> (in, out), as to_hf
-        if value.shape != flat[path].shape:
-            raise ValueError(f"{WEIGHTS_FILE}: {PREFIX + name} has shape {value.shape} (in our layout), the base "
-                             f"model's {path} has {flat[path].shape}")
-        extras[path] = jnp.asarray(value, flat[path].dtype)
-    expected = set(_saved_leaves(params, modules_to_save))
-    if set(extras) != expected:
-        raise ValueError(f"{WEIGHTS_FILE} does not match modules_to_save={modules_to_save}: missing "
-                         f"{sorted(PREFIX + tensor_name(p) for p in expected - set(extras))[:5]}, not in those modules "
-                         f"{sorted(PREFIX + tensor_name(p) for p in set(extras) - expected)[:5]}")
+    extras = _extras(saved, params, modules_to_save, settings.get("bias", "none"), set(lora_parts))
+    if not lora and not extras:
+        raise ValueError(f"{folder} adapts nothing: no LoRA tensors and no modules_to_save or biases")
 
     config = LoraConfig(
         rank=rank,
         alpha=alpha,
-        targets=_targets_regex(lora, params),
+        targets=_selecting(lora, [p for p, _ in lora_candidates(params)]) if lora else None,
         rank_pattern=_patterns(ranks, rank, *OUR_KEYS),
         alpha_pattern=_patterns(alphas, alpha, *OUR_KEYS),
         dropout=float(settings.get("lora_dropout") or 0.0),
-        init=INITS[settings.get("init_lora_weights", True)],
+        init=PEFT_INITS[settings.get("init_lora_weights", True)],
         scaling="rslora" if settings.get("use_rslora") else "standard",
         use_dora=use_dora,
-        trainable=rf"^({'|'.join(sorted({re.escape(p.rpartition('/')[0]) for p in extras}))})/" if extras else None,
+        trainable=_selecting(extras, flat) if extras else None,
     )
     lora_tree = pytree.unflatten({f"{p}/{k}": v for p, ad in lora.items() for k, v in ad.items()})
     matched_adapters(params, lora_tree, config)

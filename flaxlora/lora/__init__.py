@@ -16,6 +16,7 @@ from flaxlora.lora.adapters import (
     extract_lora,
     init_adapter,
     init_lora,
+    matched_adapters,
     merge,
     merge_pretrained,
     trainable_params,
@@ -38,10 +39,13 @@ from flaxlora.lora.targets import (
     resolve_targets,
     trainable_paths,
 )
+from flaxlora.lora.variants import INITS, RESIDUAL_INITS
 
 __all__ = [
+    "INITS",
     "LoraConfig",
     "ParamSummary",
+    "RESIDUAL_INITS",
     "Target",
     "adapter_labels",
     "adapters_by_path",
@@ -55,6 +59,7 @@ __all__ = [
     "lora_candidates",
     "lora_interceptor",
     "lora_optimizer",
+    "matched_adapters",
     "merge",
     "merge_pretrained",
     "resolve_targets",

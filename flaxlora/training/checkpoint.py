@@ -12,6 +12,8 @@ The frozen base model is not saved: it is rebuilt from the saved config.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,23 @@ import orbax.checkpoint as ocp
 from flaxlora.pytree import PyTree
 from flaxlora.training.step import TrainState
 
+# orbax logs this (through absl) for every read-only manager, though read-only is what was asked.
+_READ_ONLY_NOTICE = "Given directory is read only"
+
+
+@contextlib.contextmanager
+def _without_log(logger: str, prefix: str):
+    """Drop the records of ``logger`` whose message starts with ``prefix`` inside the block."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(prefix)
+
+    log = logging.getLogger(logger)
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
 
 class Checkpointer:
     """Save and restore :class:`~flaxlora.training.step.TrainState` plus JSON metadata with orbax."""
@@ -30,13 +49,17 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"no checkpoint directory at {self.directory}")
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
+        if read_only:  # the settings orbax would otherwise override with a warning each
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None, save_interval_steps=0)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         handlers = {
             "trainable": ocp.StandardCheckpointHandler(),
             "train": ocp.StandardCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
         }
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        with _without_log("absl", _READ_ONLY_NOTICE):
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
