@@ -1,13 +1,17 @@
-"""Shared fixtures: the two offline pretrained models (loaded once per session) and QQP pairs."""
+"""Shared fixtures: the two offline pretrained models (loaded once per session), QQP pairs, a
+small QQP data folder and the experiments/qqp.py script as a module."""
 
 import csv
 import importlib.resources
+import importlib.util
+import pathlib
 
 import pytest
 
 from flaxlora.loading import load_pretrained
 
 QQP_SAMPLE = importlib.resources.files("flaxlora.qqp") / "qqp_sample" / "glue_train_sample_a.tsv"
+QQP_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "qqp.py"
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +30,21 @@ def qqp_pairs() -> list[tuple[str, str]]:
     with QQP_SAMPLE.open(newline="", encoding="utf-8") as f:
         rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         return [(r["question1"], r["question2"]) for r, _ in zip(rows, range(100))]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """300 real QQP rows in one GLUE-format TSV (hash-split 80/10/10 by the loader)."""
+    folder = tmp_path_factory.mktemp("qqp")
+    lines = QQP_SAMPLE.read_text(encoding="utf-8").splitlines()[:301]
+    (folder / "rows.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def qqp_script():
+    """experiments/qqp.py imported as a module (call its ``main(argv)``)."""
+    spec = importlib.util.spec_from_file_location("qqp_script", QQP_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

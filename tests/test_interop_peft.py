@@ -37,7 +37,6 @@ from flaxlora.qqp.config import ENHANCED_LORA, PRESETS, RunConfig
 from flaxlora.qqp.run import finetune
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "flaxlora" / "qqp" / "qqp_sample" / "glue_train_sample_a.tsv"
 PARITY = 1e-4  # max abs logit difference, fp32
 LABELS = ("not_duplicate", "duplicate")
 
@@ -220,13 +219,10 @@ def test_peft_adapter_imports(name, minilm, minilm_batch, minilm_logits, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(data_dir, tmp_path_factory):
     """A real 4-step run of the default (enhanced) preset on MiniLM, checkpoints at steps 2 and 4."""
-    data = tmp_path_factory.mktemp("qqp")
-    (data / "rows.tsv").write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:301]) + "\n",
-                                   encoding="utf-8")
     out = tmp_path_factory.mktemp("run")
-    run = RunConfig(data_dir=str(data), max_steps=4, save_every=2, batch_size=8, max_length=64, buckets=(64,),
+    run = RunConfig(data_dir=str(data_dir), max_steps=4, save_every=2, batch_size=8, max_length=64, buckets=(64,),
                     eval_batch_size=16, learning_rate=1e-2, lora=ENHANCED_LORA)
     finetune(run, out, progress=False)
     return out

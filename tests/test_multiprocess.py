@@ -18,16 +18,8 @@ from flaxlora.training.distributed import Cluster
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "qqp.py"
-SAMPLE = ROOT / "flaxlora" / "qqp" / "qqp_sample" / "glue_train_sample_a.tsv"
 PAIRS = (["How do I learn Python quickly?", "What is the capital of France?"],
          ["What is the fastest way to learn Python?", "Which city is the capital of Germany?"])
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qqp")
-    (folder / "rows.tsv").write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:301]) + "\n")
-    return folder
 
 
 def free_port() -> int:

@@ -1,7 +1,6 @@
 """End to end: experiments/qqp.py on real MiniLM and real QQP rows, kill -9 + resume, restore."""
 
 import csv
-import importlib.util
 import json
 import os
 import pathlib
@@ -19,24 +18,7 @@ from flaxlora.qqp.data import load_qqp
 from flaxlora.training.checkpoint import Checkpointer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "flaxlora" / "qqp" / "qqp_sample" / "glue_train_sample_a.tsv"
 SCRIPT = ROOT / "experiments" / "qqp.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("qqp_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """300 real QQP rows in one GLUE-format TSV (hash-split 80/10/10 by the loader)."""
-    folder = tmp_path_factory.mktemp("qqp")
-    lines = SAMPLE.read_text(encoding="utf-8").splitlines()[:301]
-    (folder / "qqp_rows.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
 
 
 def flags(data_dir, out, *extra):
@@ -46,9 +28,9 @@ def flags(data_dir, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def finished_run(data_dir, tmp_path_factory):
+def finished_run(qqp_script, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
-    results = load_script().main(flags(data_dir, out))
+    results = qqp_script.main(flags(data_dir, out))
     return out, results
 
 
@@ -69,7 +51,7 @@ def test_run_writes_every_output(finished_run):
     assert any((out / "tb").iterdir())
 
 
-def test_kill_9_then_resume_is_bitwise_exact(data_dir, finished_run, tmp_path):
+def test_kill_9_then_resume_is_bitwise_exact(qqp_script, data_dir, finished_run, tmp_path):
     out = tmp_path / "killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *flags(data_dir, out)], env=env,
@@ -84,7 +66,7 @@ def test_kill_9_then_resume_is_bitwise_exact(data_dir, finished_run, tmp_path):
     with Checkpointer(out / "checkpoints", read_only=True) as ckpt:
         killed_at = ckpt.latest_step()
     assert killed_at < 8, "the run finished before the kill"
-    load_script().main(flags(data_dir, out, "--resume"))
+    qqp_script.main(flags(data_dir, out, "--resume"))
     with Checkpointer(finished_run[0] / "checkpoints", read_only=True) as a, Checkpointer(out / "checkpoints", read_only=True) as b:
         (ta, _), (tb, _) = a.restore_for_inference(8), b.restore_for_inference(8)
     flat_a, flat_b = flaxlora.pytree.flatten(ta), flaxlora.pytree.flatten(tb)
@@ -131,8 +113,8 @@ def test_predict_cli(finished_run, tmp_path):
     assert missing.returncode != 0 and "no run or checkpoint folder" in missing.stderr
 
 
-def test_bad_flags_and_existing_runs_get_one_line_errors(data_dir, finished_run, capsys):
-    script = load_script()
+def test_bad_flags_and_existing_runs_get_one_line_errors(qqp_script, data_dir, finished_run, capsys):
+    script = qqp_script
     with pytest.raises(SystemExit) as err:
         script.main(["--bogus"])
     assert "unrecognized arguments: --bogus (see --help)" in str(err.value) and "\n" not in str(err.value)
@@ -150,9 +132,9 @@ def test_bad_flags_and_existing_runs_get_one_line_errors(data_dir, finished_run,
     assert "different run configuration" in str(err.value) and "lora" in str(err.value)
 
 
-def test_importance_rank_allocation_run_restores_and_resumes(data_dir, tmp_path):
+def test_importance_rank_allocation_run_restores_and_resumes(qqp_script, data_dir, tmp_path):
     out = tmp_path / "allocated"
-    script = load_script()
+    script = qqp_script
     budget = ["--rank-budget", "40", "--targets", r"(query|key|value)/kernel$"]
     script.main(flags(data_dir, out, *budget, "--max-steps", "2"))
     with Checkpointer(out / "checkpoints", read_only=True) as ckpt:

@@ -4,7 +4,6 @@ transformers loads as is. Offline: the T5 tokenizer is trained here on QQP quest
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -42,7 +41,6 @@ from flaxlora.qqp.data import LABEL_WORDS, load_qqp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "flaxlora" / "qqp" / "qqp_sample" / "glue_train_sample_a.tsv"
-SCRIPT = ROOT / "experiments" / "qqp.py"
 PARITY = 1e-4  # max abs difference, fp32
 # transformers ties these to `shared`; our params have the table once.
 TIED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -268,31 +266,15 @@ def test_t5_adapters_export_to_peft(preset, t5_folder, tmp_path):
     assert max_diff(ours, theirs) < PARITY and max_diff(again, ours) < 1e-5
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("qqp_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """300 real QQP rows in one GLUE-format TSV (hash-split 80/10/10 by the loader)."""
-    folder = tmp_path_factory.mktemp("qqp")
-    (folder / "rows.tsv").write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:301]) + "\n",
-                                     encoding="utf-8")
-    return folder
-
-
 def run_flags(folder, data_dir, out, *extra):
     return ["--model", str(folder), "--data-dir", str(data_dir), "--output-dir", str(out), "--max-steps", "2",
             "--eval-examples", "16", "--batch-size", "8", "--max-length", "64", "--buckets", "64",
             "--eval-batch-size", "16", "--learning-rate", "1e-2", "--quiet", *extra]
 
 
-def test_qqp_run_on_a_transformers_t5_classifier_exports_a_merged_model(t5_folder, data_dir, tmp_path):
+def test_qqp_run_on_a_transformers_t5_classifier_exports_a_merged_model(qqp_script, t5_folder, data_dir, tmp_path):
     out, merged = tmp_path / "run", tmp_path / "merged"
-    load_script().main(run_flags(t5_folder, data_dir, out))  # the default, enhanced, preset
+    qqp_script.main(run_flags(t5_folder, data_dir, out))  # the default, enhanced, preset
     cli = subprocess.run([sys.executable, "-m", "flaxlora.export", "--checkpoint", str(out), "--format", "merged",
                           "--out", str(merged)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert cli.returncode == 0, cli.stderr[-2000:]
@@ -310,9 +292,9 @@ def test_qqp_run_on_a_transformers_t5_classifier_exports_a_merged_model(t5_folde
     assert max_diff(ours, base_logits) > 1e-3  # training changed the classifier
 
 
-def test_text_to_text_run_scores_label_words(t5_folder, data_dir, tmp_path):
+def test_text_to_text_run_scores_label_words(qqp_script, t5_folder, data_dir, tmp_path):
     out = tmp_path / "run"
-    results = load_script().main(run_flags(t5_folder, data_dir, out, "--text-to-text", "--preset", "lora"))
+    results = qqp_script.main(run_flags(t5_folder, data_dir, out, "--text-to-text", "--preset", "lora"))
     assert results["run"]["text_to_text"] and results["run"]["lora"]["trainable"] is None
     predictor = flaxlora.restore(out)
     test = load_qqp(data_dir)["test"].head(16)
@@ -326,7 +308,7 @@ def test_text_to_text_run_scores_label_words(t5_folder, data_dir, tmp_path):
     with pytest.raises(SystemExit, match="text-to-text run.*flaxlora.restore"):
         export.main(["--checkpoint", str(out), "--format", "merged", "--out", str(tmp_path / "merged")])
     with pytest.raises(SystemExit, match="no classification head to train"):
-        load_script().main(run_flags(t5_folder, data_dir, tmp_path / "head", "--text-to-text", "--preset", "head"))
+        qqp_script.main(run_flags(t5_folder, data_dir, tmp_path / "head", "--text-to-text", "--preset", "head"))
 
 
 def test_t5_config_defaults_follow_transformers():
