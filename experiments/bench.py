@@ -37,6 +37,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -372,8 +373,8 @@ def side_args(args, side: str, data: Path) -> list[str]:
 class Side:
     """A side's subprocess, driven line by line."""
 
-    def __init__(self, args, name: str, data: Path):
-        self.name = name
+    def __init__(self, args, name: str, data: Path, label: str | None = None):
+        self.name, self.label = name, label or name
         # OpenMP threads that spin while waiting lose badly to other processes on a shared CPU.
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         self.proc = subprocess.Popen(side_args(args, name, data), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -383,7 +384,7 @@ class Side:
     def _read(self) -> str:
         line = self.proc.stdout.readline()
         if not line:
-            sys.exit(f"bench.py: the {self.name} side failed (its error is above)")
+            sys.exit(f"bench.py: the {self.label} side failed (its error is above)")
         return line
 
     def ask(self, command: str, n: int = 0):
@@ -401,19 +402,21 @@ def measure(args) -> dict:
         data = Path(tmp) / "batches.npz"
         write_batches(args.model, args.seq_len, args.batch, args.eval_batch, data)
         sides = [Side(args, "ours", data)] + ([Side(args, "peft", data)] if args.peer else [])
-        times = {s.name: {"train": [], "eval": []} for s in sides}
+        if args.vs:
+            sides.append(Side(args.vs_args, "ours", data, label="vs"))
+        times = {s.label: {"train": [], "eval": []} for s in sides}
         chunk = max(1, args.steps // args.rounds)
         for r in range(args.rounds):  # alternate, so that the machine's load falls on both sides alike
             n = chunk if r < args.rounds - 1 else args.steps - chunk * (args.rounds - 1)
             for s in sides:
-                times[s.name]["train"] += s.ask("train", n)
+                times[s.label]["train"] += s.ask("train", n)
             for s in sides:
-                times[s.name]["eval"] += s.ask("eval", args.eval_batches)
-        finals = {s.name: s.ask("end") for s in sides}
+                times[s.label]["eval"] += s.ask("eval", args.eval_batches)
+        finals = {s.label: s.ask("end") for s in sides}
     peak = args.peak_gflops * 1e9 if args.peak_gflops else cpu_peak_flops()
-    flops = finals["ours"]["train_flops"]
 
     def figures(name: str) -> dict:
+        flops = finals[name].get("train_flops", finals["ours"]["train_flops"])
         step_s = statistics.median(times[name]["train"])
         return {"train_step_s": step_s,
                 "eval_pairs_per_s": args.eval_batch / statistics.median(times[name]["eval"]),
@@ -424,6 +427,13 @@ def measure(args) -> dict:
     result.update(peak_flops=peak, cores=cores(), config={
         k: getattr(args, k) for k in ("model", "preset", "batch", "seq_len", "dtype", "steps", "warmup", "rounds",
                                       "eval_batch", "eval_batches", "targets", "rank")})
+    if args.vs:
+        other = result["vs"] = {"flags": args.vs, **figures("vs")}
+        result["vs_ratios"] = {  # ours / vs: step time, evaluation throughput, peak RSS
+            "train_step": result["train_step_s"] / other["train_step_s"],
+            "eval_throughput": result["eval_pairs_per_s"] / other["eval_pairs_per_s"],
+            "peak_rss": result["peak_rss_mb"] / other["peak_rss_mb"],
+        }
     if args.peer:
         theirs = result["peer"] = figures("peft")
         result["ratios"] = {
@@ -447,6 +457,12 @@ def summary(r: dict) -> str:
                   f"{p['peak_rss_mb']:.0f} MiB, {p['flops_per_s'] / 1e9:.1f} GFLOP/s",
                   f"  ratios: train throughput {q['train_throughput']:.2f}x, eval throughput "
                   f"{q['eval_throughput']:.2f}x, peak RSS {q['peak_rss']:.2f}x (ours / PEFT's)"]
+    if "vs" in r:
+        v, q = r["vs"], r["vs_ratios"]
+        lines += [f"  vs ({v['flags']}): step {v['train_step_s']:.3f} s, eval {v['eval_pairs_per_s']:.1f} pairs/s, "
+                  f"peak RSS {v['peak_rss_mb']:.0f} MiB, {v['lora_path']} path",
+                  f"  ours / vs: step time {q['train_step']:.2f}x, eval throughput {q['eval_throughput']:.2f}x, "
+                  f"peak RSS {q['peak_rss']:.2f}x"]
     return "\n".join(lines)
 
 
@@ -468,6 +484,9 @@ def parser() -> argparse.ArgumentParser:
                    help="adapted layers: the preset's, query/value, or every linear layer of the blocks")
     p.add_argument("--lora-path", choices=("merged", "factored"), help="our train path (default: the preset's)")
     p.add_argument("--peer", choices=("peft",), help="also run PEFT + PyTorch on the same configuration")
+    p.add_argument("--vs", help="also run our side with these flags changed, in the same rounds, e.g. "
+                                "--vs='--preset lora' or --vs='--lora-path merged' (not --model, --batch or --seq-len: "
+                                "the same batches); ratios in vs_ratios")
     p.add_argument("--peak-gflops", type=float, help="the CPU's peak GFLOP/s (default: see the docstring)")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--side", choices=("ours", "peft"), help=argparse.SUPPRESS)
@@ -481,6 +500,8 @@ def main(argv: list[str] | None = None) -> dict:
     if min(args.batch, args.steps, args.warmup, args.rounds, args.eval_batch, args.eval_batches) < 1 or args.seq_len < 8:
         parser().error("--batch, --steps, --warmup, --rounds and --eval-batch(es) must be >= 1, --seq-len >= 8")
     args.rounds = min(args.rounds, args.steps)
+    if args.vs:
+        args.vs_args = parser().parse_args([*(argv if argv is not None else sys.argv[1:]), *shlex.split(args.vs)])
     if args.side:
         serve(args)
         return {}

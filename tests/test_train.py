@@ -66,6 +66,38 @@ def test_factored_and_merged_paths_train_alike():
     np.testing.assert_allclose(factored, merged, rtol=1e-4)
 
 
+def _dot_output_shapes(jaxpr) -> set[tuple[int, ...]]:
+    """Output shapes of every dot_general in ``jaxpr`` and the jaxprs nested in it."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.add(tuple(eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(v, "jaxpr", v)
+                if hasattr(inner, "eqns"):
+                    shapes |= _dot_output_shapes(inner)
+    return shapes
+
+
+@pytest.mark.parametrize("lora_path", ["factored", "merged"])
+def test_only_the_merged_path_forms_weight_sized_gradients(lora_path):
+    """In the jaxpr of the gradient, a dot_general with a frozen kernel's (16, 16) shape is its
+    weight gradient: the factored path (the default) forms none, the merged path one per target."""
+    model, _, tx, state, frozen = setup()
+    batch = toy_batches(1, batch_size=12)[0]  # no activation of the kernel's shape
+    apply = training.logits_fn(model, CONFIG, lora_path)
+
+    def loss(trainable):
+        logits = apply(frozen, trainable, batch, jax.random.key(0))
+        return training.metrics.weighted_cross_entropy(logits, batch["labels"], batch["weights"])[0]
+
+    kernel = tuple(frozen["query"]["kernel"].shape)
+    step_jaxpr = jax.make_jaxpr(lambda s: training.train_step(s, frozen, batch, apply=apply, tx=tx))(state)
+    for jaxpr in (jax.make_jaxpr(jax.grad(loss))(state.trainable), step_jaxpr):
+        assert (kernel in _dot_output_shapes(jaxpr.jaxpr)) == (lora_path == "merged")
+
+
 def test_padding_rows_do_not_change_the_step():
     model, _, tx, state, frozen = setup()
     batch = toy_batches(1, seed=4)[0]
