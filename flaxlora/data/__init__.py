@@ -2,12 +2,19 @@
 
     tables.py     rows of TSV / CSV / parquet files, unvalidated
     tokenize.py   question pairs -> token ids (encoder pair template or decoder prompt), cached
-    batching.py   where a batch is made: length buckets, resumable shuffled train batches, eval batches
+    batching.py   where a batch is made: length buckets, resumable shuffled train batches, eval batches,
+                  prefetching
 
 QQP's columns, labels, splits and bundled sample live in :mod:`flaxlora.qqp`.
 """
 
-from flaxlora.data.batching import Batch, TrainIterator, default_buckets, eval_batches
+from flaxlora.data.batching import (
+    Batch,
+    TrainIterator,
+    default_buckets,
+    eval_batches,
+    prefetch,
+)
 from flaxlora.data.tables import Table
 from flaxlora.data.tokenize import (
     PROMPT,
@@ -28,4 +35,5 @@ __all__ = [
     "encode_pairs",
     "eval_batches",
     "pair_format_for",
+    "prefetch",
 ]

@@ -15,14 +15,17 @@ each yields rows ``[i * b : (i + 1) * b]`` of every global batch, ``b = batch_si
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 from flaxlora.data.tokenize import EncodedPairs
 
 Batch = dict[str, np.ndarray]
+T = TypeVar("T")
 # One planned batch: its bucket length, its example indices (<= batch_size) in order.
 _Planned = tuple[int, np.ndarray]
 
@@ -172,3 +175,30 @@ def eval_batches(
     _check_hosts(batch_size, process_index, process_count)
     plan = _plan(_bucket_of(data, buckets), buckets, batch_size, rng=None)
     return (_assemble(data, p, batch_size, process_index, process_count) for p in plan)
+
+
+def prefetch(iterator: Iterator[Batch], prepare: Callable[[Batch], T], depth: int = 2) -> Iterator[T]:
+    """``prepare(b)`` for each batch ``b`` of ``iterator``, computed ``depth`` batches ahead by a
+    background thread, so that assembling and placing the next batch overlaps the current step.
+
+    ``prepare`` runs right after its batch is drawn: it may read the iterator's position (e.g.
+    ``TrainIterator.state``) to pair the batch with it. An error in the thread is raised here.
+    """
+    ready: queue.Queue = queue.Queue(depth)
+
+    def work() -> None:
+        try:
+            for batch in iterator:
+                ready.put((prepare(batch), None))
+        except Exception as err:  # handed to the consumer
+            ready.put((None, err))
+        ready.put((None, StopIteration()))
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        item, err = ready.get()
+        if isinstance(err, StopIteration):
+            return
+        if err is not None:
+            raise err
+        yield item
