@@ -185,10 +185,12 @@ class Ours:
         self.eval_step = make_eval_step(model, mesh, shardings)
         self.eval_in = sharding.global_batch(eval_batch, mesh)
         self.zeros = lambda: (jnp.zeros(4), jnp.zeros(()), jnp.zeros(()))
-        self.eval(1)  # compiles the merge and the evaluation step
-        self.eval_flops = dot_flops(jax.make_jaxpr(lambda p, b: model.apply(
-            {"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"]))(
-            self.merged, self.eval_in).jaxpr)
+        self.merge_s = self.eval_flops = None
+        if args.eval_batches:
+            self.eval(1)  # compiles the merge and the evaluation step
+            self.eval_flops = dot_flops(jax.make_jaxpr(lambda p, b: model.apply(
+                {"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"]))(
+                self.merged, self.eval_in).jaxpr) / args.eval_batch
         self.warm_compiles = len(self.compiles)
 
     def _on_event(self, event: str, secs: float, **kwargs) -> None:
@@ -221,7 +223,7 @@ class Ours:
             "peak_rss_mb": peak_rss_mb(),
             "compiles_after_warmup": len(self.compiles) - self.warm_compiles,
             "train_flops": self.train_flops,
-            "eval_flops_per_pair": self.eval_flops / self.args.eval_batch,
+            "eval_flops_per_pair": self.eval_flops,
             "compile_s": self.compile_s,
             "merge_s": self.merge_s,
             "lora_path": self.run.lora_path,
@@ -358,7 +360,8 @@ def serve(args) -> None:
 def side_args(args, side: str, data: Path) -> list[str]:
     argv = [sys.executable, __file__, "--side", side, "--data", str(data), "--model", args.model, "--preset",
             args.preset, "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--dtype", args.dtype,
-            "--warmup", str(args.warmup), "--eval-batch", str(args.eval_batch), "--targets", args.targets]
+            "--warmup", str(args.warmup), "--eval-batch", str(args.eval_batch), "--targets", args.targets,
+            "--eval-batches", str(args.eval_batches)]
     if args.rank:
         argv += ["--rank", str(args.rank)]
     if args.lora_path:
@@ -373,10 +376,14 @@ def side_args(args, side: str, data: Path) -> list[str]:
 class Side:
     """A side's subprocess, driven line by line."""
 
-    def __init__(self, args, name: str, data: Path, label: str | None = None):
+    def __init__(self, args, name: str, data: Path, label: str | None = None, root: str | None = None):
         self.name, self.label = name, label or name
         # OpenMP threads that spin while waiting lose badly to other processes on a shared CPU.
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        if args.xla_flags is not None:
+            env["XLA_FLAGS"] = args.xla_flags
+        if root:  # import flaxlora from another source tree
+            env["PYTHONPATH"] = os.path.abspath(root)
         self.proc = subprocess.Popen(side_args(args, name, data), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
         self._read()  # "ready"
@@ -402,8 +409,8 @@ def measure(args) -> dict:
         data = Path(tmp) / "batches.npz"
         write_batches(args.model, args.seq_len, args.batch, args.eval_batch, data)
         sides = [Side(args, "ours", data)] + ([Side(args, "peft", data)] if args.peer else [])
-        if args.vs:
-            sides.append(Side(args.vs_args, "ours", data, label="vs"))
+        if args.vs or args.vs_root:
+            sides.append(Side(args.vs_args, "ours", data, label="vs", root=args.vs_root))
         times = {s.label: {"train": [], "eval": []} for s in sides}
         chunk = max(1, args.steps // args.rounds)
         for r in range(args.rounds):  # alternate, so that the machine's load falls on both sides alike
@@ -411,7 +418,7 @@ def measure(args) -> dict:
             for s in sides:
                 times[s.label]["train"] += s.ask("train", n)
             for s in sides:
-                times[s.label]["eval"] += s.ask("eval", args.eval_batches)
+                times[s.label]["eval"] += s.ask("eval", args.eval_batches) if args.eval_batches else []
         finals = {s.label: s.ask("end") for s in sides}
     peak = args.peak_gflops * 1e9 if args.peak_gflops else cpu_peak_flops()
 
@@ -419,7 +426,7 @@ def measure(args) -> dict:
         flops = finals[name].get("train_flops", finals["ours"]["train_flops"])
         step_s = statistics.median(times[name]["train"])
         return {"train_step_s": step_s,
-                "eval_pairs_per_s": args.eval_batch / statistics.median(times[name]["eval"]),
+                "eval_pairs_per_s": args.eval_batch / statistics.median(times[name]["eval"]) if args.eval_batches else None,
                 "flops_per_s": flops / step_s, "peak_fraction": flops / step_s / peak,
                 **finals[name], "train_step_s_all": times[name]["train"], "eval_s_all": times[name]["eval"]}
 
@@ -427,8 +434,8 @@ def measure(args) -> dict:
     result.update(peak_flops=peak, cores=cores(), config={
         k: getattr(args, k) for k in ("model", "preset", "batch", "seq_len", "dtype", "steps", "warmup", "rounds",
                                       "eval_batch", "eval_batches", "targets", "rank")})
-    if args.vs:
-        other = result["vs"] = {"flags": args.vs, **figures("vs")}
+    if args.vs or args.vs_root:
+        other = result["vs"] = {"flags": args.vs, "root": args.vs_root, **figures("vs")}
         result["vs_ratios"] = {  # ours / vs: step time, evaluation throughput, peak RSS
             "train_step": result["train_step_s"] / other["train_step_s"],
             "eval_throughput": result["eval_pairs_per_s"] / other["eval_pairs_per_s"],
@@ -448,7 +455,7 @@ def summary(r: dict) -> str:
     c = r["config"]
     lines = [f"{c['model']} {c['preset']} B{c['batch']} S{c['seq_len']} {c['dtype']} ({r['lora_path']} path, "
              f"{r['cores']} cores)",
-             f"  ours: step {r['train_step_s']:.3f} s, eval {r['eval_pairs_per_s']:.1f} pairs/s, peak RSS "
+             f"  ours: step {r['train_step_s']:.3f} s, eval {r['eval_pairs_per_s'] or 0:.1f} pairs/s, peak RSS "
              f"{r['peak_rss_mb']:.0f} MiB, {r['flops_per_s'] / 1e9:.1f} GFLOP/s = {r['peak_fraction']:.1%} of peak, "
              f"compile {r['compile_s']:.1f} s, {r['compiles_after_warmup']} compiles after warm-up"]
     if "peer" in r:
@@ -459,7 +466,7 @@ def summary(r: dict) -> str:
                   f"{q['eval_throughput']:.2f}x, peak RSS {q['peak_rss']:.2f}x (ours / PEFT's)"]
     if "vs" in r:
         v, q = r["vs"], r["vs_ratios"]
-        lines += [f"  vs ({v['flags']}): step {v['train_step_s']:.3f} s, eval {v['eval_pairs_per_s']:.1f} pairs/s, "
+        lines += [f"  vs ({v['flags'] or ''} {v['root'] or ''}): step {v['train_step_s']:.3f} s, eval {v['eval_pairs_per_s']:.1f} pairs/s, "
                   f"peak RSS {v['peak_rss_mb']:.0f} MiB, {v['lora_path']} path",
                   f"  ours / vs: step time {q['train_step']:.2f}x, eval throughput {q['eval_throughput']:.2f}x, "
                   f"peak RSS {q['peak_rss']:.2f}x"]
@@ -476,7 +483,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed train steps after the warm-up")
     p.add_argument("--warmup", type=int, default=2, help="untimed train steps first (the first compiles)")
     p.add_argument("--eval-batch", type=int, default=128)
-    p.add_argument("--eval-batches", type=int, default=2, help="timed evaluation batches per round")
+    p.add_argument("--eval-batches", type=int, default=2, help="timed evaluation batches per round (0: no evaluation)")
     p.add_argument("--rounds", type=int, default=5, help="the timed steps are split into this many rounds, "
                                                          "alternating between the sides")
     p.add_argument("--rank", type=int, help="LoRA rank (default: the preset's)")
@@ -487,6 +494,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vs", help="also run our side with these flags changed, in the same rounds, e.g. "
                                 "--vs='--preset lora' or --vs='--lora-path merged' (not --model, --batch or --seq-len: "
                                 "the same batches); ratios in vs_ratios")
+    p.add_argument("--vs-root", help="run that second configuration with flaxlora imported from this source tree "
+                                     "(e.g. an older commit: git archive COMMIT | tar -x -C DIR): what a change bought")
+    p.add_argument("--xla-flags", help="XLA_FLAGS of our side (e.g. --vs=\"--xla-flags='--xla_cpu_use_xnnpack=false'\")")
     p.add_argument("--peak-gflops", type=float, help="the CPU's peak GFLOP/s (default: see the docstring)")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--side", choices=("ours", "peft"), help=argparse.SUPPRESS)
@@ -497,11 +507,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    if min(args.batch, args.steps, args.warmup, args.rounds, args.eval_batch, args.eval_batches) < 1 or args.seq_len < 8:
-        parser().error("--batch, --steps, --warmup, --rounds and --eval-batch(es) must be >= 1, --seq-len >= 8")
+    if min(args.batch, args.steps, args.warmup, args.rounds, args.eval_batch) < 1 or args.eval_batches < 0 or args.seq_len < 8:
+        parser().error("--batch, --steps, --warmup, --rounds and --eval-batch must be >= 1, --eval-batches >= 0, "
+                       "--seq-len >= 8")
     args.rounds = min(args.rounds, args.steps)
-    if args.vs:
-        args.vs_args = parser().parse_args([*(argv if argv is not None else sys.argv[1:]), *shlex.split(args.vs)])
+    args.vs_args = parser().parse_args([*(argv if argv is not None else sys.argv[1:]), *shlex.split(args.vs or "")])
     if args.side:
         serve(args)
         return {}
