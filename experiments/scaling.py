@@ -6,7 +6,8 @@ length, batch size, LoRA rank and target set, on MiniLM and SmolLM2. One command
 Each point is one ``experiments/bench.py`` measurement (our side only, its own process, so the
 peak RSS is the point's own): median train step after a warm-up, on real QQP pairs padded to the
 length. Writes OUT/scaling.json, OUT/scaling.md (the table in the README) and OUT/scaling.png.
-``--quick`` measures a smaller grid (MiniLM only).
+``--quick`` measures a smaller grid. Points already in OUT/scaling.json are kept, not measured
+again, so an interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ GRIDS = {
     "minilm-l6": (16, 64, (32, 64, 128, 256), (8, 32), (4, 64)),
     "smollm2-135m": (8, 64, (32, 64), (4,), (64,)),
 }
-QUICK = {"minilm-l6": (16, 64, (32, 128), (8,), (64,))}
+QUICK = {"minilm-l6": (16, 64, (32, 64, 128), (8,), (64,)), "smollm2-135m": (8, 32, (32, 64), (), (64,))}
+KEY = ("model", "preset", "axis", "batch", "seq_len", "rank", "targets")
 
 
 def points(grids: dict) -> list[dict]:
@@ -79,8 +81,11 @@ def plot(rows: list[dict], path: Path) -> None:
     for m, model in enumerate(models):
         for a, axis in enumerate(axes_names):
             for preset in PRESETS:
-                pts = sorted((r[axis] or 8, r) for r in rows
-                             if r["model"] == model and r["preset"] == preset and r["axis"] == axis)
+                mine = [r for r in rows if r["model"] == model and r["preset"] == preset]
+                pts = [r for r in mine if r["axis"] == axis]
+                if pts and axis != "seq_len":  # and the base point, from the length axis
+                    pts += [r for r in mine if r["axis"] == "seq_len" and r["seq_len"] == pts[0]["seq_len"]]
+                pts = sorted((r[axis] or 8, r) for r in pts)
                 if not pts:
                     continue
                 xs = [x for x, _ in pts]
@@ -101,16 +106,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="experiments/results/scaling")
     p.add_argument("--steps", type=int, default=2, help="timed steps per point (after one warm-up step)")
-    p.add_argument("--quick", action="store_true", help="a smaller grid, MiniLM only")
+    p.add_argument("--quick", action="store_true", help="a smaller grid")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    saved = out / "scaling.json"
+    done = {tuple(r[k] for k in KEY): r for r in json.loads(saved.read_text())["points"]} if saved.exists() else {}
     rows = []
     for point in points(QUICK if args.quick else GRIDS):
-        rows.append(measure(point, args.steps))
+        key = tuple(point[k] for k in KEY)
+        rows.append(done.get(key) or measure(point, args.steps))
         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-        (out / "scaling.json").write_text(json.dumps({"cores": bench.cores(), "steps": args.steps, "points": rows},
-                                                     indent=2))
+        saved.write_text(json.dumps({"cores": bench.cores(), "steps": args.steps, "points": rows}, indent=2))
     (out / "scaling.md").write_text(markdown(rows))
     plot(rows, out / "scaling.png")
 
