@@ -75,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --output-dir")
     p.add_argument("--mesh", help="device mesh, e.g. data=4,fsdp=2 (default: all devices on data)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (LoRA and optimizer stay float32)")
-    p.add_argument("--lora-path", choices=("merged", "factored"), help="merged W+sAB or factored xW+s(xA)B")
+    p.add_argument("--lora-path", choices=("merged", "factored"), help="factored xW+s(xA)B (default: no weight-sized gradient) or merged W+sAB")
     p.add_argument("--cache-dir", help="tokenisation cache (default ~/.cache/flaxlora or $FLAXLORA_CACHE_DIR)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: join a cluster JAX detects by itself (TPU pods, SLURM, Open MPI)")

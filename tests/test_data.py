@@ -16,7 +16,12 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from flaxlora.data import tokenize
-from flaxlora.data.batching import TrainIterator, default_buckets, eval_batches
+from flaxlora.data.batching import (
+    TrainIterator,
+    default_buckets,
+    eval_batches,
+    prefetch,
+)
 from flaxlora.data.tokenize import EncodedPairs, encode_pairs
 from flaxlora.qqp.data import load_qqp, pair_key
 
@@ -433,3 +438,22 @@ def test_real_sample_batches(minilm_tokenizer, sample, tmp_path):
     iterator = TrainIterator(encoded, 32, buckets, seed=0)
     shapes |= {next(iterator)["input_ids"].shape for _ in range(2 * iterator.steps_per_epoch)}
     assert shapes <= {(32, b) for b in buckets} and len(shapes) > 1
+
+
+def test_prefetch_keeps_order_and_the_position_after_each_batch():
+    data = _synthetic(40, max_length=16)
+    iterator = TrainIterator(data, 8, (16,), seed=0)
+    reference = [next(TrainIterator(data, 8, (16,), seed=0, state={"epoch": 0, "step_in_epoch": i}))
+                 for i in range(4)]
+    got = prefetch(iterator, lambda b: (b, iterator.state))
+    for i, want in enumerate(reference):
+        batch, state = next(got)
+        np.testing.assert_array_equal(batch["input_ids"], want["input_ids"])
+        assert state == {"epoch": 0, "step_in_epoch": i + 1}
+
+    def fail(batch):
+        raise ValueError("bad batch")
+
+    with pytest.raises(ValueError, match="bad batch"):
+        next(prefetch(iter([reference[0]]), fail))
+    assert list(prefetch(iter(reference[:2]), len)) == [len(b) for b in reference[:2]]

@@ -19,7 +19,7 @@ def test_presets_round_trip_through_json_dicts():
     (dict(learning_rate=0.0), "learning_rate must be > 0"),
     (dict(lora_path="fast"), "lora_path must be"),
     (dict(eval_examples=0), "eval_examples must be >= 1"),
-    (dict(lora=RunConfig().lora.replace(dropout=0.1)), "use lora_path='factored'"),
+    (dict(lora=RunConfig().lora.replace(dropout=0.1), lora_path="merged"), "use lora_path='factored'"),
 ])
 def test_invalid_run_configs_name_the_problem(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -66,6 +66,40 @@ def test_factored_and_merged_paths_train_alike():
     np.testing.assert_allclose(factored, merged, rtol=1e-4)
 
 
+def _equations(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in it."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(v, "jaxpr", v)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+def _dot_output_shapes(jaxpr) -> set[tuple[int, ...]]:
+    """Output shapes of every dot_general in ``jaxpr`` and the jaxprs nested in it."""
+    return {tuple(e.outvars[0].aval.shape) for e in _equations(jaxpr) if e.primitive.name == "dot_general"}
+
+
+@pytest.mark.parametrize("lora_path", ["factored", "merged"])
+def test_only_the_merged_path_forms_weight_sized_gradients(lora_path):
+    """In the jaxpr of the gradient, a dot_general with a frozen kernel's (16, 16) shape is its
+    weight gradient: the factored path (the default) forms none, the merged path one per target."""
+    model, _, tx, state, frozen = setup()
+    batch = toy_batches(1, batch_size=12)[0]  # no activation of the kernel's shape
+    apply = training.logits_fn(model, CONFIG, lora_path)
+
+    def loss(trainable):
+        logits = apply(frozen, trainable, batch, jax.random.key(0))
+        return training.metrics.weighted_cross_entropy(logits, batch["labels"], batch["weights"])[0]
+
+    kernel = tuple(frozen["query"]["kernel"].shape)
+    step_jaxpr = jax.make_jaxpr(lambda s: training.train_step(s, frozen, batch, apply=apply, tx=tx))(state)
+    for jaxpr in (jax.make_jaxpr(jax.grad(loss))(state.trainable), step_jaxpr):
+        assert (kernel in _dot_output_shapes(jaxpr.jaxpr)) == (lora_path == "merged")
+
+
 def test_padding_rows_do_not_change_the_step():
     model, _, tx, state, frozen = setup()
     batch = toy_batches(1, seed=4)[0]
@@ -140,4 +174,13 @@ def test_bfloat16_compute_keeps_lora_and_optimizer_in_float32():
     assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])
     assert {x.dtype for x in jax.tree.leaves((state.trainable, state.opt_state)) if x.ndim} == {jnp.dtype("float32")}
     logits = training.logits_fn(model, config)(frozen, state.trainable, toy_batches(1)[0])
-    assert logits.dtype == jnp.bfloat16
+    assert logits.dtype == jnp.float32  # bf16 products, fp32 accumulation
+    step_jaxpr = jax.make_jaxpr(lambda s, b: training.train_step(
+        s, frozen, b, apply=training.logits_fn(model, config), tx=tx))(state, toy_batches(1)[0])
+    dots = [e for e in _equations(step_jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    frozen_kernels = {tuple(w.shape) for p, w in pytree.flatten(frozen).items() if p.endswith("kernel")}
+    assert frozen_kernels == {(32, 32), (32, 48), (48, 32), (32, 2)}
+    with_kernel = [e for e in dots if any(tuple(v.aval.shape) in frozen_kernels for v in e.invars)]
+    assert len(with_kernel) > 14  # the forward of all 14 dense layers and input gradients, all in bf16
+    assert {v.aval.dtype for e in with_kernel for v in e.invars} == {jnp.dtype("bfloat16")}
+    assert not frozen_kernels - {(32, 2)} & {tuple(e.outvars[0].aval.shape) for e in dots}  # no weight gradient

@@ -2,7 +2,8 @@
 
     tables.py     rows of TSV / CSV / parquet files, unvalidated
     tokenize.py   question pairs -> token ids (encoder pair template or decoder prompt), cached
-    batching.py   where a batch is made: length buckets, resumable shuffled train batches, eval batches
+    batching.py   where a batch is made: length buckets, resumable shuffled train batches, eval batches,
+                  prefetching
 
 QQP's columns, labels, splits and bundled sample live in :mod:`flaxlora.qqp`.
 """
@@ -13,6 +14,7 @@ from flaxlora.data.batching import (
     default_buckets,
     eval_batches,
     inference_batches,
+    prefetch,
 )
 from flaxlora.data.tables import Table
 from flaxlora.data.tokenize import (
@@ -35,4 +37,5 @@ __all__ = [
     "eval_batches",
     "inference_batches",
     "pair_format_for",
+    "prefetch",
 ]

@@ -16,14 +16,17 @@ batch: with several processes each builds the same one (cheap: token ids are in 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 from flaxlora.data.tokenize import EncodedPairs
 
 Batch = dict[str, np.ndarray]
+T = TypeVar("T")
 # One planned batch: its bucket length, its example indices (<= batch_size) in order.
 _Planned = tuple[int, np.ndarray]
 
@@ -160,3 +163,30 @@ def eval_batches(data: EncodedPairs, batch_size: int, buckets: Sequence[int]) ->
     """Each example once, in fixed order (by bucket, then index): ceil(n / batch_size) batches."""
     plan = _plan(_bucket_of(data, buckets), buckets, batch_size, rng=None)
     return (_assemble(data, p, batch_size) for p in plan)
+
+
+def prefetch(iterator: Iterator[Batch], prepare: Callable[[Batch], T], depth: int = 2) -> Iterator[T]:
+    """``prepare(b)`` for each batch ``b`` of ``iterator``, computed ``depth`` batches ahead by a
+    background thread, so that assembling and placing the next batch overlaps the current step.
+
+    ``prepare`` runs right after its batch is drawn: it may read the iterator's position (e.g.
+    ``TrainIterator.state``) to pair the batch with it. An error in the thread is raised here.
+    """
+    ready: queue.Queue = queue.Queue(depth)
+
+    def work() -> None:
+        try:
+            for batch in iterator:
+                ready.put((prepare(batch), None))
+        except Exception as err:  # handed to the consumer
+            ready.put((None, err))
+        ready.put((None, StopIteration()))
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        item, err = ready.get()
+        if isinstance(err, StopIteration):
+            return
+        if err is not None:
+            raise err
+        yield item

@@ -20,6 +20,7 @@ from flaxlora.models.layers import (
     activation,
     attention_output,
     attention_weights,
+    fused_attention,
     split_heads,
 )
 
@@ -54,7 +55,9 @@ class BertSelfAttention(Block):
         """x (batch, len, hidden), mask (batch, 1, len) -> context (batch, len, hidden)."""
         cfg = self.config
         q, k, v = (split_heads(self.dense(cfg.hidden_size, ("embed", "heads"), name=n)(x), cfg.head_dim)
-                   for n in ("query", "key", "value"))
+                   .astype(self.dtype) for n in ("query", "key", "value"))
+        if deterministic or cfg.attention_probs_dropout_prob == 0:
+            return fused_attention(q, k, v, mask, cfg.head_dim**-0.5)
         probs = attention_weights(q / jnp.sqrt(cfg.head_dim).astype(q.dtype), k, mask)
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic)
         return attention_output(probs, v)

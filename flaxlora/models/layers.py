@@ -33,11 +33,47 @@ def activation(name: str) -> Callable[[Array], Array]:
     return ACTIVATIONS[name]
 
 
+@jax.custom_vjp
+def f32_accumulated_dot(x: Array, w: Array) -> Array:
+    """``x (..., in) @ w (in, out)`` multiplied in their (low-precision) dtype and accumulated and
+    returned in float32; the backward pass multiplies in that dtype too, and forms the weight
+    gradient only when ``w`` is differentiated (never for a frozen weight)."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _f32_accumulated_dot_fwd(x, w):
+    y = f32_accumulated_dot(x.value, w.value)
+    return y, (x.value if w.perturbed else None, w.value if x.perturbed else None)
+
+
+def _f32_accumulated_dot_bwd(residuals, g):
+    x, w = residuals
+    dx = dw = None
+    if w is not None:
+        dx = jax.lax.dot_general(g.astype(w.dtype), w, (((g.ndim - 1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32).astype(w.dtype)
+    if x is not None:
+        rows = x.reshape(-1, x.shape[-1])
+        dw = jax.lax.dot_general(rows, g.reshape(-1, g.shape[-1]).astype(x.dtype), (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32).astype(x.dtype)
+    return dx, dw
+
+
+f32_accumulated_dot.defvjp(_f32_accumulated_dot_fwd, _f32_accumulated_dot_bwd, symbolic_zeros=True)
+
+
+def _dense_dot_general(x, w, dimension_numbers, precision=None):
+    """``nn.Dense``'s ``dot_general`` in a low-precision dtype: :func:`f32_accumulated_dot`."""
+    return f32_accumulated_dot(x, w)
+
+
 class Block(nn.Module):
     """A model part configured by `config`, computing in `dtype` and storing `param_dtype`.
 
     The factory methods create the standard Flax layers (so interceptors on e.g. `nn.Dense`
-    see every projection) with Hugging Face initialisers and logical axis names.
+    see every projection) with Hugging Face initialisers and logical axis names. With a `dtype`
+    narrower than float32 (bfloat16), dense layers multiply in it and accumulate and return
+    float32 (:func:`f32_accumulated_dot`): the matmuls run at bf16 speed, everything else in fp32.
     """
 
     config: Any
@@ -65,6 +101,7 @@ class Block(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=self._init(nn.initializers.normal(stddev), axes),
             bias_init=self._init(nn.initializers.zeros_init(), axes[1:]),
+            dot_general=_dense_dot_general if jnp.finfo(self.dtype).bits < 32 else None,
             **({"name": name} if name else {}),
         )
 
@@ -140,11 +177,23 @@ def attention_weights(q: Array, k: Array, mask: Array, bias: Array | None = None
     b, s, h, d = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, s, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k).astype(jnp.float32)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         scores += bias.reshape(bias.shape[0], kv_heads, h // kv_heads, *bias.shape[2:]).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+
+
+def fused_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+    """``attention_output(attention_weights(q * scale, k, mask), v)`` in one
+    ``jax.nn.dot_product_attention`` call (cuDNN flash attention on GPUs where it applies, XLA
+    elsewhere), for attention without dropout on its probabilities.
+
+    q (batch, q_len, heads, head_dim), k and v (batch, kv_len, kv_heads, head_dim), mask (batch,
+    q_len or 1, kv_len) bool -> (batch, q_len, heads * head_dim).
+    """
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
+    return out.reshape(*out.shape[:2], -1)
 
 
 def attention_output(probs: Array, v: Array) -> Array:

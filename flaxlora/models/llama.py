@@ -22,6 +22,7 @@ from flaxlora.models.layers import (
     activation,
     attention_output,
     attention_weights,
+    fused_attention,
     split_heads,
 )
 
@@ -66,10 +67,14 @@ class LlamaAttention(Block):
         q = self.dense(cfg.num_attention_heads * d, ("embed", "heads"), use_bias=bias, name="q_proj")(x)
         k = self.dense(cfg.num_key_value_heads * d, ("embed", "kv"), use_bias=bias, name="k_proj")(x)
         v = self.dense(cfg.num_key_value_heads * d, ("embed", "kv"), use_bias=bias, name="v_proj")(x)
-        q, k = (apply_rope(split_heads(t, d), *rope) for t in (q, k))
-        probs = attention_weights(q * jnp.asarray(d**-0.5, q.dtype), k, mask)
-        probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic)
-        out = attention_output(probs, split_heads(v, d))
+        q, k = (apply_rope(split_heads(t, d), *rope).astype(self.dtype) for t in (q, k))
+        v = v.astype(self.dtype)
+        if deterministic or cfg.attention_dropout == 0:
+            out = fused_attention(q, k, split_heads(v, d), mask, d**-0.5)
+        else:
+            probs = attention_weights(q * jnp.asarray(d**-0.5, q.dtype), k, mask)
+            probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic)
+            out = attention_output(probs, split_heads(v, d))
         return self.dense(cfg.hidden_size, ("heads", "embed"), use_bias=bias, name="o_proj")(out)
 
 

@@ -81,7 +81,9 @@ class RunConfig:
 
     mesh: str | None = None  # e.g. "data=4,fsdp=2"; None: all devices on data
     dtype: str = "float32"  # compute dtype; LoRA params and optimizer state stay float32
-    lora_path: str = "merged"  # "merged" or "factored" (needed for LoRA dropout)
+    # "factored": x@W + s (x@a)@b, no weight-sized gradient or copy (fastest, see README "Speed");
+    # "merged": W + s a@b formed every step (also for targets that are not Dense kernels)
+    lora_path: str = "factored"
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:

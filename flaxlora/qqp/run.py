@@ -26,7 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlora import training
-from flaxlora.data.batching import TrainIterator, default_buckets, eval_batches
+from flaxlora.data.batching import (
+    TrainIterator,
+    default_buckets,
+    eval_batches,
+    prefetch,
+)
 from flaxlora.data.tokenize import encode_pairs, pair_format_for
 from flaxlora.loading import load_pretrained
 from flaxlora.lora.adapters import merge
@@ -145,18 +150,25 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
         run_log.write({"step": int(state.step), "split": record_as, **result})
         return result
 
-    def save() -> None:
-        ckpt.save(state, {"run": run.to_dict(), "data": iterator.state, "model_kind": pretrained.kind})
+    data_state = iterator.state  # the position after the last batch trained on
+
+    def save(block: bool = True) -> None:  # periodic saves write in the background
+        ckpt.save(state, {"run": run.to_dict(), "data": data_state, "model_kind": pretrained.kind}, block=block)
+
+    def prepare(batch):  # in a background thread, a step ahead: host work off the step loop
+        return (sharding.global_batch(batch, mesh), int(batch["attention_mask"].sum()), int(batch["weights"].sum()),
+                iterator.state)
 
     start = int(state.step)
+    batches = prefetch(iterator, prepare)
     bar = _progress(progress, start, total_steps)
     window_tokens, window_examples, window_losses, window_start = 0, 0, [], time.perf_counter()
     train_seconds = 0.0
     for step in range(start + 1, total_steps + 1):
-        batch = next(iterator)
-        window_tokens += int(batch["attention_mask"].sum())
-        window_examples += int(batch["weights"].sum())
-        state, metrics = step_fn(state, frozen, sharding.global_batch(batch, mesh))
+        batch, tokens, examples, data_state = next(batches)
+        window_tokens += tokens
+        window_examples += examples
+        state, metrics = step_fn(state, frozen, batch)
         window_losses.append(metrics["loss"])  # stays on device: no sync per step
         if step % run.log_every == 0 or step == total_steps:
             last = jax.device_get(metrics)
@@ -174,7 +186,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
         if run.eval_every and step % run.eval_every == 0 and step != total_steps:
             run_eval("validation", "eval")
         if run.save_every and step % run.save_every == 0:
-            save()
+            save(block=False)
         window_start += time.perf_counter() - paused
     bar.close()
     if ckpt.latest_step() != int(state.step):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from flaxlora.pytree import PyTree
@@ -62,14 +63,23 @@ class Checkpointer:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
+        self._manager.wait_until_finished()
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, state: TrainState, meta: dict[str, Any]) -> None:
-        """Save ``state`` at its step with ``meta`` (JSON-serialisable); blocks until written."""
+    def save(self, state: TrainState, meta: dict[str, Any], *, block: bool = True) -> None:
+        """Save ``state`` at its step with ``meta`` (JSON-serialisable).
+
+        ``block=False`` returns once a private copy of ``state`` is taken (so the caller may donate
+        its buffers to the next step) and writes it in the background; the next save, a restore
+        and :meth:`close` wait for it.
+        """
         step = int(jax.device_get(state.step))
+        self._manager.wait_until_finished()
+        if not block:
+            state = jax.tree.map(jnp.copy, state)
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
         self._manager.save(
             step,
@@ -80,7 +90,8 @@ class Checkpointer:
             ),
             force=True,
         )
-        self._manager.wait_until_finished()
+        if block:
+            self._manager.wait_until_finished()
 
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
@@ -127,6 +138,7 @@ class Checkpointer:
         return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     def close(self) -> None:
+        self._manager.wait_until_finished()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":

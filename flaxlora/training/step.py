@@ -83,11 +83,13 @@ def check_decay(decay: str) -> None:
         raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
 
 
-def logits_fn(model: nn.Module, config: LoraConfig, lora_path: str = "merged") -> LogitsFn:
+def logits_fn(model: nn.Module, config: LoraConfig, lora_path: str = "factored") -> LogitsFn:
     """``f(frozen, trainable, batch, rng) -> logits (batch, classes)``; ``rng=None`` evaluates.
 
-    lora_path: ``"merged"`` forms ``W + s a@b`` once per call (no LoRA dropout); ``"factored"``
-    computes ``x@W + s (dropout(x)@a)@b`` and never copies a weight.
+    lora_path: ``"factored"`` computes ``x@W + s (dropout(x)@a)@b``: it never copies a weight, and
+    the backward pass forms only the input gradient of a frozen ``W`` (no weight-sized gradient);
+    ``"merged"`` forms ``W + s a@b`` once per call and back-propagates a weight-sized gradient
+    into it (no LoRA dropout; also for targets that are not Dense kernels, e.g. embeddings).
     """
     check_lora_path(lora_path, config)
 

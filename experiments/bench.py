@@ -1,0 +1,526 @@
+"""Speed and memory of a preset's train step and evaluation, ours and (optionally) PEFT's, side by side.
+
+    python experiments/bench.py --model minilm-l6 --preset lora --batch 32 --seq-len 128 \
+        --dtype float32 --steps 10 --json OUT.json --peer peft
+
+Each side runs in its own subprocess (so its peak RSS is its own) on the same real QQP pairs of
+the bundled sample (train split, tokenised as in training, truncated and padded to --seq-len).
+OUT.json holds our figures at the top level:
+
+    train_step_s           median seconds of one optimizer step (forward, backward, AdamW) after
+                           --warmup steps (the first compiles)
+    eval_pairs_per_s       pairs/s of the evaluation forward, batch --eval-batch at --seq-len, as the
+                           run evaluates (the adapter merged once per evaluation: ``merge_s``)
+    peak_rss_mb            the side's peak resident memory (ru_maxrss), MiB
+    compiles_after_warmup  XLA backend compilations during the timed steps and evaluations
+    flops_per_s            useful matmul FLOPs of one step / train_step_s (see ``train_flops``)
+    peak_fraction          flops_per_s / the CPU's peak (``peak_flops``)
+
+``train_flops`` counts the dot_general FLOPs in the jaxpr of the gradient of the loss w.r.t. the
+trainable parameters on the factored path, where a frozen weight gets only its input gradient,
+never a weight gradient: the work LoRA needs, whatever the implementation does. Both sides are
+credited with the same count. ``peak_flops`` on CPU: cores in this process's affinity x the clock
+of /proc/cpuinfo x 32 fp32 FLOPs per cycle (two 256-bit FMA pipes, which AVX2 cores and AMD Zen 4's
+double-pumped AVX-512 both have; Intel cores with two 512-bit FMA units reach 64): override with
+--peak-gflops. With --peer peft, "peer" holds PEFT + PyTorch's figures on the same configuration
+(torch.set_num_threads = the same cores, OMP_WAIT_POLICY=PASSIVE unless set: spinning OpenMP
+threads lose badly on a shared CPU; bf16 as CPU autocast) and "ratios" ours over theirs
+(throughput: theirs_time / ours_time, memory: ours / theirs). The timed steps are split into
+--rounds rounds that alternate between the sides, so that a change in the machine's load falls
+on both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PRESETS = ("lora", "enhanced", "full")
+TARGET_SETS = ("preset", "qv", "all")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def cpu_peak_flops() -> float:
+    """cores x clock x 32 fp32 FLOPs/cycle (see the module docstring)."""
+    mhz = [float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", Path("/proc/cpuinfo").read_text())]
+    return cores() * max(mhz) * 1e6 * 32
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def write_batches(model: str, seq_len: int, batch: int, eval_batch: int, path: Path) -> None:
+    """Real QQP train pairs, tokenised for ``model``, each side's batches padded to ``seq_len``."""
+    import numpy as np
+
+    from flaxlora.data.tokenize import encode_pairs, pair_format_for
+    from flaxlora.loading import load_pretrained
+    from flaxlora.qqp.data import load_qqp
+
+    pretrained = load_pretrained(model)
+    train = load_qqp()["train"].head(max(4 * batch, eval_batch))
+    encoded = encode_pairs(pretrained.tokenizer, train.question1, train.question2, seq_len, labels=train.labels,
+                           pair_format=pair_format_for(pretrained.kind))
+    padded = encoded.pad(np.arange(len(encoded)), seq_len)
+    np.savez(path, **padded, labels=encoded.labels.astype(np.int32), pad_id=np.int32(encoded.pad_id))
+
+
+def load_batches(path: str, batch: int, eval_batch: int):
+    """(4 train batches, 1 eval batch) of numpy arrays with labels and weights."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files}
+    data["weights"] = np.ones(len(data["labels"]), np.float32)
+    keys = ("input_ids", "attention_mask", "token_type_ids", "labels", "weights")
+    train = [{k: data[k][i * batch:(i + 1) * batch] for k in keys} for i in range(4)]
+    return train, {k: data[k][:eval_batch] for k in keys}, int(data["pad_id"])
+
+
+# ---------------------------------------------------------------------------------------------- ours
+
+
+def dot_flops(jaxpr) -> int:
+    """FLOPs of the dot_generals of a jaxpr, nested jaxprs included (scan bodies x length)."""
+    import math
+
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contract)
+        subs = []
+        for value in eqn.params.values():
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(v, "jaxpr", v)
+                if hasattr(inner, "eqns"):
+                    subs.append(inner)
+        if eqn.primitive.name == "cond":
+            subs = subs[:1]
+        total += eqn.params.get("length", 1) * sum(dot_flops(s) for s in subs)
+    return total
+
+
+def run_config(args):
+    from flaxlora.qqp.config import ALL_LINEAR_TARGETS, PRESETS, QV_TARGETS
+
+    run = PRESETS[args.preset].replace(dtype=args.dtype, batch_size=args.batch)
+    if args.lora_path:
+        run = run.replace(lora_path=args.lora_path)
+    lora = run.lora
+    if lora.targets is not None:
+        if args.targets != "preset":
+            lora = lora.replace(targets={"qv": QV_TARGETS, "all": ALL_LINEAR_TARGETS}[args.targets])
+        if args.rank:
+            lora = lora.replace(rank=args.rank)
+    return run.replace(lora=lora)
+
+
+class Ours:
+    """Our side: the run's jitted train step and evaluation (adapter merged once per evaluation)."""
+
+    def __init__(self, args):
+        import jax
+        import jax.numpy as jnp
+
+        from flaxlora import training
+        from flaxlora.loading import load_pretrained
+        from flaxlora.lora.adapters import merge
+        from flaxlora.lora.optim import lora_optimizer
+        from flaxlora.models import LOGICAL_AXIS_RULES, logical_partition_specs
+        from flaxlora.qqp.run import DTYPES
+        from flaxlora.training import sharding
+        from flaxlora.training.evaluation import make_eval_step
+        from flaxlora.training.metrics import weighted_cross_entropy
+
+        self.args, self.jax, self.compiles = args, jax, []
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        run = self.run = run_config(args)
+        train_batches, eval_batch, _ = load_batches(args.data, args.batch, args.eval_batch)
+        pretrained = load_pretrained(args.model, dtype=DTYPES[run.dtype])
+        model, params = pretrained.model, pretrained.params
+        del pretrained
+        tx = lora_optimizer(run.learning_rate, loraplus_ratio=run.loraplus_ratio, weight_decay=run.weight_decay,
+                            max_grad_norm=run.max_grad_norm)
+        state, frozen = training.init_train_state(params, run.lora, tx, jax.random.key(0))
+        del params
+        mesh = sharding.make_mesh(None)
+        shardings = sharding.logical_shardings(frozen, logical_partition_specs(model), mesh, LOGICAL_AXIS_RULES)
+        self.frozen = jax.device_put(frozen, shardings)
+        del frozen
+        self.step_fn, state_shardings = training.jit_train_step(
+            training.logits_fn(model, run.lora, run.lora_path), tx, mesh, state, shardings)
+        self.state = jax.device_put(state, state_shardings)
+        self.batches = [sharding.global_batch(b, mesh) for b in train_batches]
+
+        def loss(trainable, batch):  # the honest work: gradients of the trainable tree only
+            logits = training.logits_fn(model, run.lora, "factored")(self.frozen, trainable, batch, jax.random.key(0))
+            return weighted_cross_entropy(logits, batch["labels"], batch["weights"])[0]
+
+        self.train_flops = dot_flops(jax.make_jaxpr(jax.grad(loss))(self.state.trainable, self.batches[0]).jaxpr)
+        start = time.perf_counter()
+        self.i = 0
+        self.train(1)
+        self.compile_s = time.perf_counter() - start
+        self.train(args.warmup - 1)
+        self.merge_fn = jax.jit(lambda f, t: merge(f, t["lora"], run.lora, t["extras"]), out_shardings=shardings)
+        self.eval_step = make_eval_step(model, mesh, shardings)
+        self.eval_in = sharding.global_batch(eval_batch, mesh)
+        self.zeros = lambda: (jnp.zeros(4), jnp.zeros(()), jnp.zeros(()))
+        self.merge_s = self.eval_flops = None
+        if args.eval_batches:
+            self.eval(1)  # compiles the merge and the evaluation step
+            self.eval_flops = dot_flops(jax.make_jaxpr(lambda p, b: model.apply(
+                {"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"]))(
+                self.merged, self.eval_in).jaxpr) / args.eval_batch
+        self.warm_compiles = len(self.compiles)
+
+    def _on_event(self, event: str, secs: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.compiles.append(secs)
+
+    def train(self, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            self.state, self.metrics = self.step_fn(self.state, self.frozen, self.batches[self.i % len(self.batches)])
+            self.jax.block_until_ready(self.metrics)
+            times.append(time.perf_counter() - start)
+            self.i += 1
+        return times
+
+    def eval(self, n: int) -> list[float]:
+        start = time.perf_counter()
+        self.merged = self.jax.block_until_ready(self.merge_fn(self.frozen, self.state.trainable))
+        self.merge_s = time.perf_counter() - start
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            self.jax.block_until_ready(self.eval_step(self.merged, self.eval_in, self.zeros()))
+            times.append(time.perf_counter() - start)
+        return times
+
+    def final(self) -> dict:
+        return {
+            "peak_rss_mb": peak_rss_mb(),
+            "compiles_after_warmup": len(self.compiles) - self.warm_compiles,
+            "train_flops": self.train_flops,
+            "eval_flops_per_pair": self.eval_flops,
+            "compile_s": self.compile_s,
+            "merge_s": self.merge_s,
+            "lora_path": self.run.lora_path,
+            "trainable_params": sum(x.size for x in self.jax.tree.leaves(self.state.trainable)),
+            "device": self.jax.devices()[0].device_kind,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "loss": float(self.metrics["loss"]),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- PEFT
+
+
+def peer_lora_config(preset: str, kind: str, rank: int | None, targets: str):
+    """PEFT's LoraConfig for the preset (None for full fine-tuning) and the extra trained names."""
+    import peft
+
+    if preset == "full":
+        return None, None
+    encoder = kind == "encoder"
+    qv = ["query", "value"] if encoder else ["q_proj", "v_proj"]
+    every = r".*\.(query|key|value|dense)$" if encoder else r".*\.(q|k|v|o|gate|up|down)_proj$"
+    head = ["classifier"] if encoder else ["score"]
+    chosen = {"qv": qv, "all": every}.get(targets, qv if preset == "lora" else every)
+    if targets == "all" and encoder:  # ALL_LINEAR_TARGETS: every encoder linear layer, no pooler
+        chosen = r".*layer\.\d+\..*(query|key|value|dense)$"
+    if preset == "lora":
+        return peft.LoraConfig(task_type="SEQ_CLS", r=rank or 8, lora_alpha=16, target_modules=chosen,
+                               modules_to_save=head), None
+    # enhanced: rsLoRA, biases and norms trained (BitFit), the head trained
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=rank or 8, lora_alpha=16, target_modules=chosen, use_rslora=True,
+                             bias="all", modules_to_save=head)
+    return config, re.compile(r"LayerNorm|layernorm|norm\.weight")
+
+
+class Peft:
+    """The peer: PEFT + PyTorch on the same model, preset, batches and threads."""
+
+    def __init__(self, args):
+        import numpy as np
+        import torch
+        import transformers
+
+        torch.set_num_threads(cores())
+        torch.manual_seed(0)
+        self.torch = torch
+        path = Path(args.model_path)  # resolved by the parent: importing flaxlora here would import jax
+        kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            path.parent if kwargs else path, num_labels=2, **kwargs)
+        kind = "encoder" if model.config.model_type in ("bert", "roberta") else "decoder"
+        train_batches, eval_batch, pad_id = load_batches(args.data, args.batch, args.eval_batch)
+        if kind == "decoder":
+            model.config.pad_token_id = pad_id
+        config, norms = peer_lora_config(args.preset, kind, args.rank, args.targets)
+        if config is not None:
+            import peft
+
+            model = peft.get_peft_model(model, config)
+            for name, p in model.named_parameters():
+                if norms is not None and norms.search(name):
+                    p.requires_grad_(True)
+        self.model = model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.trainable, lr=5e-5 if args.preset == "full" else 5e-4, weight_decay=0.01)
+        self.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+        def tensors(batch):
+            names = ("input_ids", "attention_mask") + (("token_type_ids",) if kind == "encoder" else ())
+            return {k: torch.from_numpy(np.asarray(batch[k], np.int64)) for k in names}
+
+        self.batches = [(tensors(b), torch.from_numpy(b["labels"].astype(np.int64))) for b in train_batches]
+        self.eval_in = tensors(eval_batch)
+        self.i = 0
+        self.train(args.warmup)
+        self.eval(1)
+
+    def train(self, n: int) -> list[float]:
+        torch, times = self.torch, []
+        self.model.train()
+        for _ in range(n):
+            start = time.perf_counter()
+            inputs, labels = self.batches[self.i % len(self.batches)]
+            with self.autocast():
+                loss = torch.nn.functional.cross_entropy(self.model(**inputs).logits.float(), labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.loss = float(loss)
+            times.append(time.perf_counter() - start)
+            self.i += 1
+        return times
+
+    def eval(self, n: int) -> list[float]:
+        times = []
+        self.model.eval()
+        with self.torch.inference_mode(), self.autocast():
+            for _ in range(n):
+                start = time.perf_counter()
+                self.model(**self.eval_in).logits.float().numpy()
+                times.append(time.perf_counter() - start)
+        return times
+
+    def final(self) -> dict:
+        return {
+            "peak_rss_mb": peak_rss_mb(),
+            "trainable_params": sum(p.numel() for p in self.trainable),
+            "torch": self.torch.__version__,
+            "threads": self.torch.get_num_threads(),
+            "loss": self.loss,
+        }
+
+
+SIDES = {"ours": Ours, "peft": Peft}
+
+
+def serve(args) -> None:
+    """A side's process: set up (warm-up included), say "ready", then answer "train N", "eval N", "end"."""
+    out, sys.stdout = sys.stdout, sys.stderr  # stdout carries the answers only
+    side = SIDES[args.side](args)
+    print("ready", file=out, flush=True)
+    for line in sys.stdin:
+        command, n = line.split()
+        if command == "end":
+            print(json.dumps(side.final()), file=out, flush=True)
+            return
+        print(json.dumps(getattr(side, command)(int(n))), file=out, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def side_args(args, side: str, data: Path) -> list[str]:
+    argv = [sys.executable, __file__, "--side", side, "--data", str(data), "--model", args.model, "--preset",
+            args.preset, "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--dtype", args.dtype,
+            "--warmup", str(args.warmup), "--eval-batch", str(args.eval_batch), "--targets", args.targets,
+            "--eval-batches", str(args.eval_batches)]
+    if args.rank:
+        argv += ["--rank", str(args.rank)]
+    if args.lora_path:
+        argv += ["--lora-path", args.lora_path]
+    if side == "peft":
+        from flaxlora.loading.registry import known_models, resolve
+
+        argv += ["--model-path", str(resolve(args.model) if args.model in known_models() else args.model)]
+    return argv
+
+
+class Side:
+    """A side's subprocess, driven line by line."""
+
+    def __init__(self, args, name: str, data: Path, label: str | None = None, root: str | None = None):
+        self.name, self.label = name, label or name
+        # OpenMP threads that spin while waiting lose badly to other processes on a shared CPU.
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        if args.xla_flags is not None:
+            env["XLA_FLAGS"] = args.xla_flags
+        if root:  # import flaxlora from another source tree
+            env["PYTHONPATH"] = os.path.abspath(root)
+        self.proc = subprocess.Popen(side_args(args, name, data), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+        self._read()  # "ready"
+
+    def _read(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            sys.exit(f"bench.py: the {self.label} side failed (its error is above)")
+        return line
+
+    def ask(self, command: str, n: int = 0):
+        self.proc.stdin.write(f"{command} {n}\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self._read())
+        if command == "end":
+            self.proc.wait()
+        return answer
+
+
+def measure(args) -> dict:
+    """Our side (and the peer's) on one configuration, timed in alternation; the dict OUT.json holds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "batches.npz"
+        write_batches(args.model, args.seq_len, args.batch, args.eval_batch, data)
+        sides = [Side(args, "ours", data)] + ([Side(args, "peft", data)] if args.peer else [])
+        if args.vs or args.vs_root:
+            sides.append(Side(args.vs_args, "ours", data, label="vs", root=args.vs_root))
+        times = {s.label: {"train": [], "eval": []} for s in sides}
+        chunk = max(1, args.steps // args.rounds)
+        for r in range(args.rounds):  # alternate, so that the machine's load falls on both sides alike
+            n = chunk if r < args.rounds - 1 else args.steps - chunk * (args.rounds - 1)
+            for s in sides:
+                times[s.label]["train"] += s.ask("train", n)
+            for s in sides:
+                times[s.label]["eval"] += s.ask("eval", args.eval_batches) if args.eval_batches else []
+        finals = {s.label: s.ask("end") for s in sides}
+    peak = args.peak_gflops * 1e9 if args.peak_gflops else cpu_peak_flops()
+
+    def figures(name: str) -> dict:
+        flops = finals[name].get("train_flops", finals["ours"]["train_flops"])
+        step_s = statistics.median(times[name]["train"])
+        return {"train_step_s": step_s,
+                "eval_pairs_per_s": args.eval_batch / statistics.median(times[name]["eval"]) if args.eval_batches else None,
+                "flops_per_s": flops / step_s, "peak_fraction": flops / step_s / peak,
+                **finals[name], "train_step_s_all": times[name]["train"], "eval_s_all": times[name]["eval"]}
+
+    result = figures("ours")
+    result.update(peak_flops=peak, cores=cores(), config={
+        k: getattr(args, k) for k in ("model", "preset", "batch", "seq_len", "dtype", "steps", "warmup", "rounds",
+                                      "eval_batch", "eval_batches", "targets", "rank")})
+    if args.vs or args.vs_root:
+        other = result["vs"] = {"flags": args.vs, "root": args.vs_root, **figures("vs")}
+        result["vs_ratios"] = {  # ours / vs: step time, evaluation throughput, peak RSS
+            "train_step": result["train_step_s"] / other["train_step_s"],
+            "eval_throughput": result["eval_pairs_per_s"] / other["eval_pairs_per_s"],
+            "peak_rss": result["peak_rss_mb"] / other["peak_rss_mb"],
+        }
+    if args.peer:
+        theirs = result["peer"] = figures("peft")
+        result["ratios"] = {
+            "train_throughput": theirs["train_step_s"] / result["train_step_s"],
+            "eval_throughput": result["eval_pairs_per_s"] / theirs["eval_pairs_per_s"],
+            "peak_rss": result["peak_rss_mb"] / theirs["peak_rss_mb"],
+        }
+    return result
+
+
+def summary(r: dict) -> str:
+    c = r["config"]
+    lines = [f"{c['model']} {c['preset']} B{c['batch']} S{c['seq_len']} {c['dtype']} ({r['lora_path']} path, "
+             f"{r['cores']} cores)",
+             f"  ours: step {r['train_step_s']:.3f} s, eval {r['eval_pairs_per_s'] or 0:.1f} pairs/s, peak RSS "
+             f"{r['peak_rss_mb']:.0f} MiB, {r['flops_per_s'] / 1e9:.1f} GFLOP/s = {r['peak_fraction']:.1%} of peak, "
+             f"compile {r['compile_s']:.1f} s, {r['compiles_after_warmup']} compiles after warm-up"]
+    if "peer" in r:
+        p, q = r["peer"], r["ratios"]
+        lines += [f"  peft: step {p['train_step_s']:.3f} s, eval {p['eval_pairs_per_s']:.1f} pairs/s, peak RSS "
+                  f"{p['peak_rss_mb']:.0f} MiB, {p['flops_per_s'] / 1e9:.1f} GFLOP/s",
+                  f"  ratios: train throughput {q['train_throughput']:.2f}x, eval throughput "
+                  f"{q['eval_throughput']:.2f}x, peak RSS {q['peak_rss']:.2f}x (ours / PEFT's)"]
+    if "vs" in r:
+        v, q = r["vs"], r["vs_ratios"]
+        lines += [f"  vs ({v['flags'] or ''} {v['root'] or ''}): step {v['train_step_s']:.3f} s, eval {v['eval_pairs_per_s']:.1f} pairs/s, "
+                  f"peak RSS {v['peak_rss_mb']:.0f} MiB, {v['lora_path']} path",
+                  f"  ours / vs: step time {q['train_step']:.2f}x, eval throughput {q['eval_throughput']:.2f}x, "
+                  f"peak RSS {q['peak_rss']:.2f}x"]
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--preset", choices=PRESETS, default="lora")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--steps", type=int, default=10, help="timed train steps after the warm-up")
+    p.add_argument("--warmup", type=int, default=2, help="untimed train steps first (the first compiles)")
+    p.add_argument("--eval-batch", type=int, default=128)
+    p.add_argument("--eval-batches", type=int, default=2, help="timed evaluation batches per round (0: no evaluation)")
+    p.add_argument("--rounds", type=int, default=5, help="the timed steps are split into this many rounds, "
+                                                         "alternating between the sides")
+    p.add_argument("--rank", type=int, help="LoRA rank (default: the preset's)")
+    p.add_argument("--targets", choices=TARGET_SETS, default="preset",
+                   help="adapted layers: the preset's, query/value, or every linear layer of the blocks")
+    p.add_argument("--lora-path", choices=("merged", "factored"), help="our train path (default: the preset's)")
+    p.add_argument("--peer", choices=("peft",), help="also run PEFT + PyTorch on the same configuration")
+    p.add_argument("--vs", help="also run our side with these flags changed, in the same rounds, e.g. "
+                                "--vs='--preset lora' or --vs='--lora-path merged' (not --model, --batch or --seq-len: "
+                                "the same batches); ratios in vs_ratios")
+    p.add_argument("--vs-root", help="run that second configuration with flaxlora imported from this source tree "
+                                     "(e.g. an older commit: git archive COMMIT | tar -x -C DIR): what a change bought")
+    p.add_argument("--xla-flags", help="XLA_FLAGS of our side (e.g. --vs=\"--xla-flags='--xla_cpu_use_xnnpack=false'\")")
+    p.add_argument("--peak-gflops", type=float, help="the CPU's peak GFLOP/s (default: see the docstring)")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--side", choices=("ours", "peft"), help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--model-path", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    if min(args.batch, args.steps, args.warmup, args.rounds, args.eval_batch) < 1 or args.eval_batches < 0 or args.seq_len < 8:
+        parser().error("--batch, --steps, --warmup, --rounds and --eval-batch must be >= 1, --eval-batches >= 0, "
+                       "--seq-len >= 8")
+    args.rounds = min(args.rounds, args.steps)
+    args.vs_args = parser().parse_args([*(argv if argv is not None else sys.argv[1:]), *shlex.split(args.vs or "")])
+    if args.side:
+        serve(args)
+        return {}
+    result = measure(args)
+    print(summary(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
