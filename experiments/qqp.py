@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, help="passes over the training split")
     p.add_argument("--batch-size", type=int, help="global batch size (examples per optimizer step)")
     p.add_argument("--eval-batch-size", type=int, help="examples per evaluation batch")
-    p.add_argument("--eval-examples", type=int, help="evaluate on the first N pairs of validation and test (default all)")
+    p.add_argument("--eval-examples", type=int, help="evaluate on a fair sample of N pairs of validation and test (by a hash of the pair id; default all)")
     p.add_argument("--accum-steps", type=int, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--learning-rate", type=float, help="peak learning rate (linear warmup, then decay)")
     p.add_argument("--loraplus-ratio", type=float, help="LoRA+: learning-rate ratio of B to A")

@@ -123,12 +123,41 @@ def test_bundled_sample_counts_and_splits(sample):
         assert 0.36 < split.positive_rate < 0.5  # Between the natural and balanced files' rates.
 
 
-def test_split_head_keeps_order_and_alignment(sample):
+def _source(pair_id):
+    return "glue" if pair_id.isdigit() else pair_id.split("_")[0]
+
+
+def _source_shares(split):
+    sources = [_source(i) for i in split.ids]
+    return {s: sources.count(s) / len(sources) for s in ("glue", "pcp", "quora")}
+
+
+@pytest.mark.parametrize("name", ["validation", "test"])
+def test_split_sample_is_fair(sample, name):
+    """--eval-examples 300 used to take the first 300 ids: one source only and 35% duplicates on
+    test against 42% in the split. The sample's duplicate rate and source mix match the split."""
+    split = sample[name]
+    whole = _source_shares(split)
+    old = {s: [_source(i) for i in split.ids[:300]].count(s) / 300 for s in whole}  # the old subset
+    assert old["quora"] == 0 and abs(old["quora"] - whole["quora"]) > 0.07  # what this test catches
+    sub = split.sample(300)
+    assert len(sub) == 300 and len(set(sub.ids)) == 300
+    assert abs(sub.positive_rate - split.positive_rate) < 0.05
+    shares = _source_shares(sub)
+    for source, share in whole.items():
+        assert abs(shares[source] - share) < 0.07, (source, shares, whole)
+
+
+def test_split_sample_keeps_alignment_and_nests(sample):
     split = sample["validation"]
-    head = split.head(5)
-    assert len(head) == 5 and head.ids == split.ids[:5] and head.question2 == split.question2[:5]
-    np.testing.assert_array_equal(head.labels, split.labels[:5])
-    assert len(split.head(10**6)) == len(split)
+    index = {pair_id: i for i, pair_id in enumerate(split.ids)}
+    sub = split.sample(50)
+    rows = [index[i] for i in sub.ids]
+    assert sub.question1 == tuple(split.question1[i] for i in rows)
+    assert sub.question2 == tuple(split.question2[i] for i in rows)
+    np.testing.assert_array_equal(sub.labels, split.labels[rows])
+    assert split.sample(20).ids == sub.ids[:20]  # a smaller sample is part of a larger one
+    assert sorted(split.sample(10**6).ids) == sorted(split.ids)
 
 
 def test_bundled_sample_files_match_readme():

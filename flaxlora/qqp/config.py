@@ -70,7 +70,7 @@ class RunConfig:
     save_every: int = 200
     keep_checkpoints: int = 3
     eval_batch_size: int = 64
-    eval_examples: int | None = None  # evaluate on the first N pairs of validation and test (None: all)
+    eval_examples: int | None = None  # evaluate on a fair sample of N pairs of validation and test (None: all)
 
     mesh: str | None = None  # e.g. "data=4,fsdp=2"; None: all devices on data
     dtype: str = "float32"  # compute dtype; LoRA params and optimizer state stay float32

@@ -51,9 +51,19 @@ class QQPSplit:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def head(self, n: int) -> "QQPSplit":
-        """The first ``n`` pairs (the order is the split's hash order, so a fair subsample)."""
-        return QQPSplit(self.ids[:n], self.question1[:n], self.question2[:n], self.labels[:n])
+    def sample(self, n: int) -> "QQPSplit":
+        """A fair subset of ``n`` pairs: the first ``n`` by a sha256 of each pair id.
+
+        The split itself is sorted by id, and ids carry their source (``quora_...``,
+        ``pcp_train_...``, GLUE's numbers), so its first rows are one source only; the hash order
+        is independent of the id's text, of the row order and of the seed. ``sample(m)`` is the
+        first ``m`` pairs of ``sample(n)`` for ``m <= n``.
+        """
+        order = sorted(range(len(self)), key=lambda i: _sample_key(self.ids[i]))[:n]
+        labels = self.labels[order]
+        labels.flags.writeable = False
+        pick = lambda column: tuple(column[i] for i in order)  # noqa: E731
+        return QQPSplit(pick(self.ids), pick(self.question1), pick(self.question2), labels)
 
     @property
     def has_labels(self) -> bool:
@@ -130,6 +140,10 @@ class _Tally:
         self.malformed[reason] += 1
         if len(self.problems) < _MAX_PROBLEMS:
             self.problems.append(f"{where}: {reason}")
+
+
+def _sample_key(pair_id: str) -> bytes:
+    return hashlib.sha256(f"qqp-sample/{pair_id}".encode()).digest()
 
 
 def pair_key(question1: str, question2: str) -> tuple[str, str]:

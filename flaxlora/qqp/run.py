@@ -48,10 +48,11 @@ RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "eval_every", "save_eve
 
 
 def labelled_splits(data, eval_examples: int | None = None) -> dict:
-    """The labelled splits of ``data``, every split but train cut to its first ``eval_examples``."""
+    """The labelled splits of ``data``, every split but train cut to a fair sample of
+    ``eval_examples`` pairs (:meth:`~flaxlora.qqp.data.QQPSplit.sample`)."""
     splits = {name: data[name] for name in data.splits if data[name].has_labels}
     if eval_examples:
-        splits = {name: s if name == "train" else s.head(eval_examples) for name, s in splits.items()}
+        splits = {name: s if name == "train" else s.sample(eval_examples) for name, s in splits.items()}
     return splits
 
 
