@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,24 @@ def test_kill_9_then_resume_is_bitwise_exact(data_dir, finished_run, tmp_path):
     assert json.loads((out / "results.json").read_text())["mcc"] == finished_run[1]["mcc"]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[:4] == [2, 4, 6, 8]  # no duplicated records after the resume
+
+
+def test_resume_skips_a_garbled_latest_checkpoint(data_dir, finished_run, tmp_path, capsys):
+    out = tmp_path / "garbled"
+    shutil.copytree(finished_run[0], out)
+    for p in (out / "checkpoints" / "8" / "trainable").rglob("*"):
+        if p.is_file() and p.parent.name == "d":  # the OCDBT files holding the arrays
+            os.truncate(p, p.stat().st_size // 2)
+    load_script().main(flags(data_dir, out, "--resume"))
+    assert "skipping unreadable checkpoint step 8" in capsys.readouterr().err  # the run's log
+    assert (out / "checkpoints.unreadable" / "8").is_dir()
+    with Checkpointer(finished_run[0] / "checkpoints", read_only=True) as a, Checkpointer(out / "checkpoints", read_only=True) as b:
+        (ta, _), (tb, _) = a.restore_for_inference(8), b.restore_for_inference(8)
+    flat_a, flat_b = flaxlora.pytree.flatten(ta), flaxlora.pytree.flatten(tb)
+    for key in flat_a:
+        np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:4] == [2, 4, 6, 8]  # the records after step 6 were rewritten, not duplicated
 
 
 def test_restored_predictor_reproduces_the_reported_metrics(data_dir, finished_run):

@@ -97,7 +97,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     if not resume and ckpt.latest_step() is not None:
         raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints: pass --resume or use a new --output-dir")
     if resume_step is not None:
-        saved = ckpt.read_meta(resume_step)["run"]
+        saved = ckpt.read_meta()["run"]  # the newest step whose metadata reads
         if run.rank_budget:  # keep the ranks allocated when the run started
             run = run.replace(lora=RunConfig.from_dict(saved).lora)
         _check_resumable(saved, run)
@@ -129,8 +129,9 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     iterator = TrainIterator(encoded["train"], run.batch_size, buckets, seed=run.seed,
                              process_index=jax.process_index(), process_count=jax.process_count())
     state = jax.device_put(state, state_shardings)
-    if resume_step is not None:  # restored straight into the run's shardings
-        state, meta = ckpt.restore(state, resume_step)
+    if resume_step is not None:  # restored straight into the run's shardings, from the newest readable step
+        state, meta = ckpt.restore(state)
+        resume_step = int(state.step)
         iterator.restore(meta["data"])
     summary = summarize(frozen, state.trainable["lora"], run.lora, state.trainable["extras"])
     log.info("\n%s", summary)
