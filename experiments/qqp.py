@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", help="regex of kernels to adapt, searched in parameter paths")
     p.add_argument("--rank-budget", type=int, help="importance-based rank allocation: total LoRA rank spread "
                                                    "over the targets by gradient spectra before training")
+    p.add_argument("--max-skipped-steps", type=int,
+                   help="stop the run after this many updates in a row skipped for a non-finite loss or "
+                        "gradient (default 5); skipped updates leave the weights unchanged")
     p.add_argument("--save-every", type=int, help="checkpoint every K steps (and at the end)")
     p.add_argument("--log-every", type=int, help="log loss and throughput every L steps")
     p.add_argument("--eval-every", type=int, help="evaluate on the validation split every E steps (default 200; 0: at the end only)")
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = args.output_dir or f"runs/qqp-{args.preset}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         results = finetune(config, output_dir, resume=args.resume, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         parser().fail(err)
     print(one_screen_summary(results, output_dir))
     return results

@@ -149,3 +149,12 @@ def test_no_readable_step_is_one_named_error(tmp_path):
         with pytest.raises(ValueError, match=r"checkpoint step 0 in .* is unreadable") as err:
             ckpt.restore_for_inference(step=0)
         assert "\n" not in str(err.value)
+
+
+def test_non_finite_params_are_never_saved(tmp_path):
+    state, frozen, step, batches = setup()
+    poisoned = state.replace(trainable=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.inf), state.trainable))
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        with pytest.raises(FloatingPointError, match="refusing to save step 0"):
+            ckpt.save(poisoned, {})
+        assert ckpt.all_steps() == []

@@ -62,6 +62,7 @@ def test_run_writes_every_output(finished_run):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "split" not in r]
     assert [r["step"] for r in train] == [2, 4, 6, 8]
+    assert saved["skipped_steps"] == 0 and all(r["skipped"] == 0 for r in train)
     assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)
     assert {r["split"] for r in records if "split" in r} == {"eval", "test"}
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [4, 6, 8]  # keep 3
@@ -112,6 +113,22 @@ def test_resume_skips_a_garbled_latest_checkpoint(data_dir, finished_run, tmp_pa
         np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[:4] == [2, 4, 6, 8]  # the records after step 6 were rewritten, not duplicated
+
+
+def test_an_absurd_learning_rate_stops_with_one_line_and_finite_weights(data_dir, tmp_path):
+    out = tmp_path / "diverged"
+    with pytest.raises(SystemExit) as err:
+        load_script().main(flags(data_dir, out, "--learning-rate", "1e6", "--max-steps", "30",
+                                 "--max-skipped-steps", "3"))
+    message = str(err.value)
+    assert "training diverged" in message and "--max-skipped-steps 3" in message and "\n" not in message
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["skipped"] for r in records) >= 3 and records[-1]["step"] < 30
+    with Checkpointer(out / "checkpoints", read_only=True) as ckpt:
+        assert ckpt.latest_step() == records[-1]["step"]  # the last finite state, saved at the stop
+        for step in ckpt.all_steps():
+            trainable, _ = ckpt.restore_for_inference(step)
+            assert all(np.isfinite(x).all() for x in flaxlora.pytree.flatten(trainable).values()), step
 
 
 def test_restored_predictor_reproduces_the_reported_metrics(data_dir, finished_run):

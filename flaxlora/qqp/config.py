@@ -55,6 +55,7 @@ class RunConfig:
     loraplus_ratio: float = 1.0
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
+    max_skipped_steps: int = 5  # stop after this many updates in a row skipped for a non-finite loss or gradient
     label_smoothing: float = 0.0
     warmup_ratio: float = 0.06
     decay: str = "linear"
@@ -92,6 +93,7 @@ class RunConfig:
              "log_every must be >= 1, save_every and eval_every >= 0"),
             (self.eval_examples is None or self.eval_examples >= 1, f"eval_examples must be >= 1, got {self.eval_examples}"),
             (self.rank_budget is None or self.rank_budget >= 1, f"rank_budget must be >= 1, got {self.rank_budget}"),
+            (self.max_skipped_steps >= 1, f"max_skipped_steps must be >= 1, got {self.max_skipped_steps}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -44,7 +44,8 @@ from flaxlora.training.metrics import weighted_cross_entropy
 
 log = logging.getLogger(__name__)
 # Fields that may change when resuming (the budget and logging), all others must match.
-RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints", "cache_dir")
+RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints", "cache_dir",
+                     "max_skipped_steps")
 
 
 def labelled_splits(data, eval_examples: int | None = None) -> dict:
@@ -155,23 +156,35 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     bar = _progress(progress, start, total_steps)
     window_tokens, window_examples, window_losses, window_start = 0, 0, [], time.perf_counter()
     train_seconds = 0.0
+    skips = training.SkipGuard(run.max_skipped_steps)
     for step in range(start + 1, total_steps + 1):
         batch = next(iterator)
         window_tokens += int(batch["attention_mask"].sum())
         window_examples += int(batch["weights"].sum())
         state, metrics = step_fn(state, frozen, sharding.global_batch(batch, mesh))
-        window_losses.append(metrics["loss"])  # stays on device: no sync per step
-        if step % run.log_every == 0 or step == total_steps:
+        window_losses.append((metrics["loss"], metrics["skipped"]))  # stays on device: no sync per step
+        stop = skips.update(metrics["skipped"])
+        if step % run.log_every == 0 or step == total_steps or stop:
             last = jax.device_get(metrics)
             elapsed = time.perf_counter() - window_start
             train_seconds += elapsed
-            record = {"step": step, "loss": float(np.mean(jax.device_get(window_losses))),
-                      "grad_norm": float(last["grad_norm"]), "lr": float(schedule(step - 1)),
+            record = {"step": step, **_window_losses(jax.device_get(window_losses)),
+                      "grad_norm": _finite_or_none(last["grad_norm"]), "lr": float(schedule(step - 1)),
                       "tokens_per_s": window_tokens / elapsed, "examples_per_s": window_examples / elapsed,
                       "epoch": step / steps_per_epoch}
             run_log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{record['loss'] or math.nan:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window_tokens, window_examples, window_losses, window_start = 0, 0, [], time.perf_counter()
+        if stop:  # the state holds the last finite update: save it, then stop with one line
+            bar.close()
+            if ckpt.latest_step() != step:
+                save()
+            run_log.close()
+            ckpt.close()
+            raise FloatingPointError(
+                f"training diverged: the {skips.in_a_row} updates before step {step} had a non-finite loss or "
+                f"gradient and were skipped (--max-skipped-steps {run.max_skipped_steps}); the last finite state "
+                f"is saved at step {step} in {out / 'checkpoints'}; lower --learning-rate and start a new run")
         bar.update(1)
         paused = time.perf_counter()  # evaluation and checkpoint time is not training time
         if run.eval_every and step % run.eval_every == 0 and step != total_steps:
@@ -198,6 +211,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
         "examples": {name: len(e) for name, e in encoded.items()},
         "positive_rate": {name: splits[name].positive_rate for name in encoded},
         "steps": total_steps,
+        "skipped_steps": sum(r.get("skipped", 0) for r in run_log.records if "split" not in r),
         "trainable_params": summary.trainable,
         "total_params": summary.total,
         "trainable_percent": 100 * summary.trainable_fraction,
@@ -215,6 +229,16 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     run_log.close()
     ckpt.close()
     return results
+
+
+def _window_losses(losses_and_skips: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """``{"loss": mean loss of the updates applied (None if none), "skipped": updates skipped}``."""
+    applied = [float(loss) for loss, skipped in losses_and_skips if not skipped]
+    return {"loss": float(np.mean(applied)) if applied else None, "skipped": len(losses_and_skips) - len(applied)}
+
+
+def _finite_or_none(x) -> float | None:
+    return float(x) if np.isfinite(x) else None
 
 
 def _progress(enabled: bool, start: int, total: int):

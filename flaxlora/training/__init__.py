@@ -20,8 +20,10 @@ from flaxlora.training.metrics import (
 )
 from flaxlora.training.sharding import make_mesh, parse_mesh
 from flaxlora.training.step import (
+    SkipGuard,
     StepOptions,
     TrainState,
+    all_finite,
     init_train_state,
     jit_train_step,
     learning_rate_schedule,
@@ -30,8 +32,10 @@ from flaxlora.training.step import (
 )
 
 __all__ = [
+    "SkipGuard",
     "StepOptions",
     "TrainState",
+    "all_finite",
     "confusion_counts",
     "evaluate",
     "init_train_state",

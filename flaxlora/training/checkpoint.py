@@ -28,10 +28,11 @@ import jax
 import orbax.checkpoint as ocp
 
 from flaxlora.pytree import PyTree
-from flaxlora.training.step import TrainState
+from flaxlora.training.step import TrainState, all_finite
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_all_finite = jax.jit(all_finite)
 
 
 class Checkpointer:
@@ -58,8 +59,12 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, state: TrainState, meta: dict[str, Any]) -> None:
-        """Save ``state`` at its step with ``meta`` (JSON-serialisable); blocks until written."""
+        """Save ``state`` at its step with ``meta`` (JSON-serialisable); blocks until written.
+
+        Raises FloatingPointError, saving nothing, if a trainable value is not finite."""
         step = int(jax.device_get(state.step))
+        if not bool(_all_finite(state.trainable)):
+            raise FloatingPointError(f"refusing to save step {step}: the trainable params hold NaN or Inf")
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
         self._manager.save(
             step,
