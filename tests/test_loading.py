@@ -221,3 +221,14 @@ def test_smollm2_continues_a_prompt(smollm2):
         logits = tied_lm_logits(smollm2, ids, mask)
         ids[0, n], mask[0, n] = np.argmax(logits[0, n - 1]), 1
     assert smollm2.tokenizer.decode(ids[0, len(prompt):]) == " Paris."
+
+
+def test_load_config_reads_the_position_limit_without_weights():
+    from flaxlora.loading import load_config
+    from flaxlora.models.config import BertConfig
+
+    assert load_config("minilm-l6").max_sequence_length == 512
+    assert load_config("smollm2-135m").max_sequence_length == 8192  # GGUF llama.context_length
+    roberta = BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, max_position_embeddings=514, pad_token_id=1, model_type="roberta")
+    assert roberta.max_sequence_length == 512  # positions start at pad_token_id + 1

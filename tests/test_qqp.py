@@ -163,7 +163,7 @@ def test_predict_cli(finished_run, tmp_path):
     assert missing.returncode != 0 and "no run or checkpoint folder" in missing.stderr
 
 
-def test_bad_flags_and_existing_runs_get_one_line_errors(data_dir, finished_run, capsys):
+def test_bad_flags_and_existing_runs_get_one_line_errors(data_dir, finished_run, tmp_path):
     script = load_script()
     with pytest.raises(SystemExit) as err:
         script.main(["--bogus"])
@@ -173,6 +173,7 @@ def test_bad_flags_and_existing_runs_get_one_line_errors(data_dir, finished_run,
     assert "rank must be an integer >= 1" in str(err.value)
     out, _ = finished_run
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    before_files = [p.name for p in out.iterdir()]
     with pytest.raises(SystemExit) as err:
         script.main(flags(data_dir, out))  # same output dir without --resume
     assert "pass --resume" in str(err.value)
@@ -180,13 +181,31 @@ def test_bad_flags_and_existing_runs_get_one_line_errors(data_dir, finished_run,
     with pytest.raises(SystemExit) as err:
         script.main(flags(data_dir, out, "--resume", "--rank", "4"))
     assert "different run configuration" in str(err.value) and "lora" in str(err.value)
+    for extra, message in [
+        (("--max-steps", "6"), "--max-steps gives 6 steps, fewer than the 8 already trained"),
+        (("--max-steps", "10"), "--max-steps changes the learning-rate schedule (8 steps saved, 10 now): "
+                                "resume with --max-steps 8"),
+        (("--mesh", "data=2"), "needs 2 devices, 1 available"),
+        (("--mesh", "data=two"), "expected 'axis=size"),
+        (("--max-length", "600", "--buckets", "600"), "--max-length 600 exceeds the 512 positions of minilm-l6"),
+        (("--eval-batch-size", "0"), "eval_batch_size must be >= 1"),
+    ]:
+        with pytest.raises(SystemExit) as err:
+            script.main(flags(data_dir, out, "--resume", *extra))
+        assert message in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in out.iterdir()) == sorted(before_files)  # nothing written
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    results = script.main(flags(data_dir, copy, "--resume", "--eval-batch-size", "8", "--epochs", "5"))  # allowed
+    assert results["steps"] == 8 and results["run"]["eval_batch_size"] == 8
 
 
 def test_importance_rank_allocation_run_restores_and_resumes(data_dir, tmp_path):
     out = tmp_path / "allocated"
     script = load_script()
     budget = ["--rank-budget", "40", "--targets", r"(query|key|value)/kernel$"]
-    script.main(flags(data_dir, out, *budget, "--max-steps", "2"))
+    script.main(flags(data_dir, out, *budget, "--max-steps", "4"))
+    shutil.rmtree(out / "checkpoints" / "4")  # as if stopped after step 2
     with Checkpointer(out / "checkpoints", read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference()
     ranks = {p: a.shape[-1] for p, a in flaxlora.pytree.flatten(trainable["lora"]).items() if p.endswith("/a")}

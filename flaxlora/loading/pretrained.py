@@ -75,6 +75,12 @@ def _for_classification(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokeniz
     return tokenizer
 
 
+def load_config(name_or_path: str | os.PathLike, num_labels: int = 2) -> Config:
+    """The model's config alone (``config.json`` or the GGUF metadata, no weight read), for checks
+    that must pass before loading; FileNotFoundError / ValueError as :func:`load_pretrained`."""
+    return config_from_hf(_open(name_or_path).config(), num_labels=num_labels)
+
+
 def load_pretrained(
     name_or_path: str | os.PathLike,
     num_labels: int = 2,

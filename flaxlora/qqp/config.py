@@ -81,6 +81,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
             (self.accum_steps >= 1 and self.batch_size % self.accum_steps == 0,
              f"batch_size {self.batch_size} must be a multiple of accum_steps {self.accum_steps}"),
             (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),

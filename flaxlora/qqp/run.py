@@ -28,7 +28,7 @@ import numpy as np
 from flaxlora import training
 from flaxlora.data.batching import TrainIterator, default_buckets, eval_batches
 from flaxlora.data.tokenize import encode_pairs, pair_format_for
-from flaxlora.loading import load_pretrained
+from flaxlora.loading import load_config, load_pretrained
 from flaxlora.lora.adapters import merge
 from flaxlora.lora.optim import lora_optimizer
 from flaxlora.lora.rank_allocation import allocate
@@ -44,8 +44,9 @@ from flaxlora.training.metrics import weighted_cross_entropy
 
 log = logging.getLogger(__name__)
 # Fields that may change when resuming (the budget and logging), all others must match.
+# max_steps and epochs may change only where the number of steps (the schedule) stays (check_resume).
 RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints", "cache_dir",
-                     "max_skipped_steps")
+                     "max_skipped_steps", "eval_batch_size")
 
 
 def labelled_splits(data, eval_examples: int | None = None) -> dict:
@@ -72,6 +73,73 @@ def _check_resumable(saved: dict[str, Any], run: RunConfig) -> None:
         raise ValueError(f"--resume with a different run configuration ({detail}); use a new --output-dir")
 
 
+def total_steps_of(run: RunConfig, train_pairs: int) -> int:
+    """Optimizer steps of ``run``: ``max_steps``, else ``epochs`` passes over ``train_pairs``."""
+    return run.max_steps or max(1, round(run.epochs * math.ceil(train_pairs / run.batch_size)))
+
+
+def check_hardware(run: RunConfig) -> jax.sharding.Mesh:
+    """The run's mesh; ValueError unless it fits the devices and both batch sizes split over its
+    batch axes."""
+    mesh = sharding.make_mesh(run.mesh)
+    shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    for flag, size in (("--batch-size", run.batch_size), ("--eval-batch-size", run.eval_batch_size)):
+        if size % shards:
+            raise ValueError(f"{flag} {size} must be a multiple of the {shards} devices on the batch axes of "
+                             f"the mesh {dict(mesh.shape)}")
+    return mesh
+
+
+def check_model(run: RunConfig) -> None:
+    """ValueError unless ``--max-length`` fits the model's positions (read from its config alone)."""
+    limit = getattr(load_config(run.model), "max_sequence_length", None)
+    if limit is not None and run.max_length > limit:
+        raise ValueError(f"--max-length {run.max_length} exceeds the {limit} positions of {run.model}; "
+                         f"use --max-length {limit} or less")
+
+
+def check_resume(saved: dict[str, Any], saved_step: int, run: RunConfig, train_pairs: int) -> None:
+    """ValueError unless ``run`` keeps the learning-rate schedule of the run saved at ``saved_step``
+    (``saved``: its config): ``--max-steps`` / ``--epochs`` may change only where the step count stays."""
+    before, now = RunConfig.from_dict(saved), total_steps_of(run, train_pairs)
+    flag = "--max-steps" if before.max_steps != run.max_steps else "--epochs"
+    if now < saved_step:
+        raise ValueError(f"{flag} gives {now} steps, fewer than the {saved_step} already trained; "
+                         "resume with the saved budget or use a new --output-dir")
+    if now != total_steps_of(before, train_pairs):
+        value = before.max_steps if flag == "--max-steps" else before.epochs
+        raise ValueError(f"{flag} changes the learning-rate schedule ({total_steps_of(before, train_pairs)} steps "
+                         f"saved, {now} now): resume with {flag} {value} or use a new --output-dir")
+
+
+def preflight(run: RunConfig, out: Path, resume: bool) -> tuple[RunConfig, jax.sharding.Mesh, Any]:
+    """Every check that can fail before a weight is loaded or a file written: mesh and batch sizes,
+    max length, the output folder and resume compatibility, the data. Returns ``(run, mesh, data)``;
+    ``run`` keeps the saved LoRA ranks of a resumed rank-allocated run."""
+    mesh = check_hardware(run)
+    check_model(run)
+    saved, saved_step = None, None
+    if (out / "checkpoints").is_dir():
+        with Checkpointer(out / "checkpoints", read_only=True) as ckpt:
+            saved_step = ckpt.latest_step()
+            if saved_step is not None and not resume:
+                raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints: pass --resume or use a new "
+                                      "--output-dir")
+            if saved_step is not None:
+                saved = ckpt.read_meta()["run"]  # the newest step whose metadata reads
+    if saved is not None and run.rank_budget:  # keep the ranks allocated when the run started
+        run = run.replace(lora=RunConfig.from_dict(saved).lora)
+    if saved is not None:
+        _check_resumable(saved, run)
+    data = load_qqp(run.data_dir, from_hub=run.from_hub)
+    for split in ("train", "validation"):
+        if split not in data.splits or not len(data[split]) or not data[split].has_labels:
+            raise ValueError(f"{data.source}: no labelled {split} pairs ({data.report.summary()})")
+    if saved is not None:
+        check_resume(saved, saved_step, run, len(data["train"]))
+    return run, mesh, data
+
+
 def allocate_ranks(run: RunConfig, pretrained, train_data, buckets) -> RunConfig:
     """``run`` with its LoRA ranks spread over the targets by gradient importance (see
     :mod:`flaxlora.lora.rank_allocation`), measured on the first ``allocation_batches`` batches of a
@@ -92,18 +160,10 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     """Train and evaluate; returns (and writes to results.json) the final metrics."""
     started = time.perf_counter()
     out = Path(output_dir)
+    run, mesh, data = preflight(run, out, resume)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(out / "checkpoints", max_to_keep=run.keep_checkpoints)
     resume_step = ckpt.latest_step() if resume else None
-    if not resume and ckpt.latest_step() is not None:
-        raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints: pass --resume or use a new --output-dir")
-    if resume_step is not None:
-        saved = ckpt.read_meta()["run"]  # the newest step whose metadata reads
-        if run.rank_budget:  # keep the ranks allocated when the run started
-            run = run.replace(lora=RunConfig.from_dict(saved).lora)
-        _check_resumable(saved, run)
-
-    data = load_qqp(run.data_dir, from_hub=run.from_hub)
     log.info("%s\n%s", data.source, data.report.summary())
     pretrained = load_pretrained(run.model, num_labels=2, dtype=DTYPES[run.dtype], seed=run.seed)
     buckets = run.buckets or default_buckets(run.max_length)
@@ -112,9 +172,8 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
 
     if run.rank_budget and resume_step is None:
         run = allocate_ranks(run, pretrained, encoded["train"], buckets)
-    mesh = sharding.make_mesh(run.mesh)
     steps_per_epoch = math.ceil(len(encoded["train"]) / run.batch_size)
-    total_steps = run.max_steps or max(1, round(run.epochs * steps_per_epoch))
+    total_steps = total_steps_of(run, len(encoded["train"]))
     schedule = training.learning_rate_schedule(run.learning_rate, total_steps, round(run.warmup_ratio * total_steps), run.decay)
     tx = lora_optimizer(schedule, loraplus_ratio=run.loraplus_ratio, weight_decay=run.weight_decay,
                         max_grad_norm=run.max_grad_norm)
