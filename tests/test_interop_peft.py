@@ -336,10 +336,24 @@ def test_cli_never_overwrites_or_loses_files(trained_run, tmp_path, monkeypatch,
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
+    (out / "sub").mkdir()
+    (out / "sub" / "data.bin").write_bytes(b"\x00\x01")
     args = ["--checkpoint", str(trained_run), "--format", "peft", "--out", str(out)]
     with pytest.raises(SystemExit) as err:
         export.main(args)
-    assert "is not empty: pass --force to replace it" in str(err.value) and "\n" not in str(err.value)
+    assert "is not empty: pass --force to replace a previous export" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(SystemExit) as err:  # --force replaces only a previous export of this tool
+        export.main([*args, "--force"])
+    assert "holds no flaxlora_export.json" in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in out.rglob("*")) == ["data.bin", "keep.txt", "sub"]
+    assert (out / "keep.txt").read_text() == "precious" and (out / "sub" / "data.bin").read_bytes() == b"\x00\x01"
+
+    new = tmp_path / "new"
+    export.main(["--checkpoint", str(trained_run), "--format", "peft", "--out", str(new)])
+    exported = sorted(p.name for p in new.iterdir())
+    assert exported == ["adapter_config.json", "adapter_model.safetensors", "flaxlora_export.json"]
+    assert json.loads((new / "flaxlora_export.json").read_text())["format"] == "peft"
+    before = (new / "adapter_model.safetensors").read_bytes()
 
     def failing(folder, *args, **kwargs):
         (pathlib.Path(folder) / "adapter_model.safetensors").write_bytes(b"half written")
@@ -347,21 +361,23 @@ def test_cli_never_overwrites_or_loses_files(trained_run, tmp_path, monkeypatch,
 
     monkeypatch.setattr(export, "save_peft", failing)
     with pytest.raises(OSError, match="disk full"):
-        export.export(trained_run, out, "peft", force=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["keep.txt"]
+        export.export(trained_run, new, "peft", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
+    assert (new / "adapter_model.safetensors").read_bytes() == before
     monkeypatch.undo()
 
-    export.main([*args, "--force"])
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    export.main(["--checkpoint", str(trained_run), "--format", "merged", "--out", str(new), "--force"])
+    assert json.loads((new / "flaxlora_export.json").read_text())["format"] == "merged"
+    assert not (new / "adapter_config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
     for bad, message in [
         (["--checkpoint", str(tmp_path / "nothing"), "--format", "peft", "--out", str(tmp_path / "x")], "no run or checkpoint folder"),
         (["--checkpoint", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "x")], "invalid choice: 'onnx'"),
         (["--checkpoint", str(trained_run), "--format", "merged", "--out", str(trained_run), "--force"], "holds the checkpoint"),
-        (["--checkpoint", str(trained_run), "--format", "merged", "--out", str(out / "adapter_config.json")], "is not a folder"),
+        (["--checkpoint", str(trained_run), "--format", "merged", "--out", str(new / "config.json")], "is not a folder"),
         (["--checkpoint", str(trained_run), "--step", "999", "--format", "peft", "--out", str(tmp_path / "x")], "no checkpoint for step 999"),
     ]:
         with pytest.raises(SystemExit) as err:
             export.main(bad)
         assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]

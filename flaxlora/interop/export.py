@@ -7,16 +7,20 @@
 :mod:`flaxlora.interop.peft`); ``merged``: the fine-tuned model as a Hugging Face folder for
 ``transformers.AutoModelForSequenceClassification.from_pretrained(out)`` (see
 :mod:`flaxlora.interop.merged`). The export is written to a new folder next to ``--out`` and
-renamed into place, so an existing ``--out`` (replaced only with ``--force``) survives any error.
+renamed into place, so an existing ``--out`` survives any error. Every export folder holds
+``flaxlora_export.json`` (what was exported, from where); ``--force`` replaces only a folder that
+holds it, so a folder of anything else is never touched.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 
+from flaxlora import __version__
 from flaxlora.cli import ArgumentParser
 from flaxlora.interop import save_merged, save_peft
 from flaxlora.loading import known_models, load_pretrained
@@ -27,6 +31,20 @@ from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
 
 FORMATS = ("peft", "merged")
 QQP_LABELS = ("not_duplicate", "duplicate")
+MARKER = "flaxlora_export.json"
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    """FileExistsError unless ``out`` is absent, an empty folder, or (with ``force``) an export of this tool."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise FileExistsError(f"{out} is not empty: pass --force to replace a previous export, or choose another --out")
+    if not (out / MARKER).is_file():
+        raise FileExistsError(f"{out} is not empty and holds no {MARKER}, so it is not a previous export of "
+                              "flaxlora: --force replaces only those; choose another --out")
 
 
 def _replace(staging: Path, out: Path) -> None:
@@ -56,12 +74,9 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     source, out = checkpoint_dir(checkpoint).resolve(), Path(out).resolve()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
     if out == source or out in source.parents:
         raise FileExistsError(f"{out} holds the checkpoint being exported: choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} is not empty: pass --force to replace it")
+    _check_replaceable(out, force)
     with Checkpointer(source, read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference(step)
     run = RunConfig.from_dict(meta["run"])
@@ -77,6 +92,9 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
         else:
             params = merge_pretrained(pretrained.params, trainable["lora"], run.lora, trainable["extras"])
             save_merged(staging, pretrained, params, QQP_LABELS)
+        marker = {"tool": "flaxlora", "version": __version__, "format": fmt, "checkpoint": str(source),
+                  "model": run.model}
+        (staging / MARKER).write_text(json.dumps(marker, indent=2))
         _replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -90,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="peft: PEFT LoRA adapter folder; merged: Hugging Face model folder")
     p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true", help=f"replace a previous export at --out (a folder with {MARKER})")
     args = p.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.format, step=args.step, force=args.force)
