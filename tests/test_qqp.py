@@ -131,6 +131,37 @@ def test_an_absurd_learning_rate_stops_with_one_line_and_finite_weights(data_dir
             assert all(np.isfinite(x).all() for x in flaxlora.pytree.flatten(trainable).values()), step
 
 
+def test_a_glue_folder_full_of_malformed_rows_trains(tmp_path):
+    """GLUE layout (train.tsv, dev.tsv) where about a third of the rows are broken in every way the
+    loader counts; the run trains on the rest and reports each reason."""
+    lines = SAMPLE.read_bytes().splitlines()
+    header, rows = lines[0], lines[1:241]
+    breakers = [
+        lambda r: r.replace(b"?", b"\xff?", 1),  # not UTF-8
+        lambda r: r + b"\textra",  # a column too many
+        lambda r: r.rsplit(b"\t", 1)[0],  # a column too few
+        lambda r: r.rsplit(b"\t", 1)[0] + b"\t2",  # label outside {0, 1}
+        lambda r: b"\t".join(r.split(b"\t")[:3] + [b"   ", *r.split(b"\t")[4:]]),  # blank question1
+    ]
+    broken = [breakers[i % 5](r) if i % 3 == 0 else r for i, r in enumerate(rows)]
+    data = tmp_path / "glue"
+    data.mkdir()
+    (data / "train.tsv").write_bytes(b"\xef\xbb\xbf" + b"\r\n".join([header, *broken[:200]]) + b"\r\n")
+    (data / "dev.tsv").write_bytes(b"\n".join([header, *broken[200:]]) + b"\n")
+    (data / "readme.csv").write_text("note\nnot a QQP file\n")
+    out = tmp_path / "out"
+    results = load_script().main(["--data-dir", str(data), "--output-dir", str(out), "--max-steps", "2",
+                                  "--batch-size", "16", "--max-length", "64", "--buckets", "64",
+                                  "--eval-batch-size", "16", "--save-every", "0", "--quiet"])
+    report = results["data_report"]
+    assert report["rows_read"] == 241 and sum(report["malformed"].values()) == 80 + 1
+    assert report["notes"] == ["readme.csv: ignored (no question1/question2 columns in header ('note',))"]
+    assert {k for k, v in report["malformed"].items() if v} == {
+        "invalid_utf8", "wrong_column_count", "bad_label", "empty_question", "no_question_columns"}
+    assert results["examples"] == {"train": 200 - 67, "validation": 40 - 13}
+    assert np.isfinite(results["loss"]) and results["held_out_split"] == "validation"
+
+
 def test_restored_predictor_reproduces_the_reported_metrics(data_dir, finished_run):
     out, results = finished_run
     predictor = flaxlora.restore(out)

@@ -82,23 +82,35 @@ def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 
 
 
 def _read_pairs(path: str) -> tuple[list[str], list[str], list[Any]]:
-    """Question pairs from a TSV with a header naming question1 and question2 (GLUE's), or two columns."""
+    """Question pairs from a TSV with a header naming question1 and question2 (GLUE's), or two columns.
+
+    Read by :func:`flaxlora.data.tables.read_tsv` and checked row by row like training data: a row
+    that is not UTF-8, cannot be parsed or has another number of columns than the header (two
+    without one) is a ValueError naming its line and reason, as every prediction must match a row.
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"no TSV file at {path}")
     table = tables.read_tsv(Path(path))
-    header = [h.strip() for h in table.header]
+    if table.problem:
+        raise ValueError(f"{path}: {table.problem}")
+    header = [h.strip().lower() for h in table.header]
     if "question1" in header and "question2" in header:
         i, j = header.index("question1"), header.index("question2")
         ids = header.index("id") if "id" in header else None
-        rows = table.rows
+        rows, width = list(table.rows), len(header)
     else:  # no header: the first line is a pair too
-        i, j, ids = 0, 1, None
+        i, j, ids, width = 0, 1, None, 2
         rows = [(1, list(table.header)), *table.rows] if table.header else list(table.rows)
     if not rows:
         raise ValueError(f"{path} holds no question pairs")
-    bad = [line for line, fields in rows if fields is None or len(fields) <= max(i, j)]
-    if bad:
-        raise ValueError(f"{path}: lines {bad[:5]} have too few columns")
+    tally = tables.RowTally()
+    for line, fields in rows:
+        tally.rows_read += 1
+        if problem := tables.row_problem(fields, width):
+            tally.drop(f"line {line}", problem)
+    if tally.total:
+        raise ValueError(f"{path}: {tally.total} of {tally.rows_read} rows unusable ({tally.summary()}; expected "
+                         f"{width} tab-separated UTF-8 columns): {', '.join(tally.examples[:5])}")
     fields = [f for _, f in rows]
     return [f[i] for f in fields], [f[j] for f in fields], [f[ids] if ids is not None else n for n, f in enumerate(fields)]
 

@@ -266,7 +266,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
         "model": run.model,
         "data": data.source,
         "data_report": {"rows_read": data.report.rows_read, "malformed": dict(data.report.malformed),
-                        "duplicates_dropped": data.report.duplicates_dropped},
+                        "duplicates_dropped": data.report.duplicates_dropped, "notes": list(data.report.notes)},
         "examples": {name: len(e) for name, e in encoded.items()},
         "positive_rate": {name: splits[name].positive_rate for name in encoded},
         "steps": total_steps,
