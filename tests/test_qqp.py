@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -174,6 +175,34 @@ def test_restored_predictor_reproduces_the_reported_metrics(data_dir, finished_r
     assert predictor.logits(["What is AI?"], ["What is artificial intelligence?"]).shape == (1, 2)
     with pytest.raises(ValueError, match="2 first questions but 1 second"):
         predictor.predict(["a", "b"], ["c"])
+
+
+def _edit_meta(run_dir, edit):
+    for meta in (run_dir / "checkpoints").glob("*/meta/metadata"):
+        meta.write_text(json.dumps(edit(json.loads(meta.read_text()))))
+
+
+def test_restore_and_export_rebuild_the_recorded_base(data_dir, finished_run, tmp_path):
+    out, results = finished_run
+    from flaxlora.loading import base_provenance
+
+    assert results["base_model"]["sha256"] == base_provenance("minilm-l6")["sha256"]
+    assert results["base_model"]["source"] == "minilm-l6" and "model.safetensors" in results["base_model"]["files"]
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(out, bf16)
+    _edit_meta(bf16, lambda m: {**m, "run": {**m["run"], "dtype": "bfloat16"}})
+    assert flaxlora.restore(bf16).model.dtype == jnp.bfloat16  # the run's compute dtype
+    other = tmp_path / "other-base"
+    shutil.copytree(out, other)
+    _edit_meta(other, lambda m: {**m, "base": {**m["base"], "sha256": "0" * 64}})
+    with pytest.raises(ValueError, match="adapters are only valid on the base they were trained on"):
+        flaxlora.restore(other)
+    cli = subprocess.run([sys.executable, "-m", "flaxlora.export", "--checkpoint", str(other), "--format", "peft",
+                          "--out", str(tmp_path / "adapter")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert cli.returncode != 0 and "has sha256" in cli.stderr and "Traceback" not in cli.stderr
+    assert not (tmp_path / "adapter").exists()
+    with pytest.raises(SystemExit, match="has sha256"):
+        load_script().main(flags(data_dir, other, "--resume"))
 
 
 def test_predict_cli(finished_run, tmp_path):

@@ -23,10 +23,10 @@ from pathlib import Path
 from flaxlora import __version__
 from flaxlora.cli import ArgumentParser
 from flaxlora.interop import save_merged, save_peft
-from flaxlora.loading import known_models, load_pretrained
+from flaxlora.loading import known_models
 from flaxlora.loading.registry import resolve
 from flaxlora.lora.adapters import merge_pretrained
-from flaxlora.qqp.config import RunConfig
+from flaxlora.qqp.predict import load_base
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
 
 FORMATS = ("peft", "merged")
@@ -79,8 +79,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
     _check_replaceable(out, force)
     with Checkpointer(source, read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference(step)
-    run = RunConfig.from_dict(meta["run"])
-    pretrained = load_pretrained(run.model, num_labels=2, seed=run.seed)
+    run, pretrained = load_base(meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
@@ -93,7 +92,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
             params = merge_pretrained(pretrained.params, trainable["lora"], run.lora, trainable["extras"])
             save_merged(staging, pretrained, params, QQP_LABELS)
         marker = {"tool": "flaxlora", "version": __version__, "format": fmt, "checkpoint": str(source),
-                  "model": run.model}
+                  "model": run.model, "base": meta.get("base")}
         (staging / MARKER).write_text(json.dumps(marker, indent=2))
         _replace(staging, out)
     finally:

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from flaxlora.loading.convert import params_from_hf
 from flaxlora.loading.gguf_file import GGUFFile
 from flaxlora.loading.hf_folder import HFFolder, download
+from flaxlora.loading.provenance import provenance
 from flaxlora.loading.registry import HUB_ALIASES, known_models, resolve
 from flaxlora.models import config_from_hf, model_kind, sequence_classifier
 from flaxlora.models.auto import Config
@@ -49,23 +50,27 @@ class Pretrained:
     unused: tuple[str, ...] = ()
 
 
-def _open(name_or_path: str | os.PathLike) -> HFFolder | GGUFFile:
+def _locate(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """The model's HF folder or .gguf file (a hub id is downloaded first)."""
     name = os.fspath(name_or_path)
     if name in known_models():
         path = resolve(name)
     elif os.path.exists(name):
         path = Path(name)
     elif name in HUB_ALIASES or _HUB_ID.match(name):
-        path = download(HUB_ALIASES.get(name, name))
+        path = download(HUB_ALIASES.get(name, name), revision)
     else:
         raise FileNotFoundError(f"{name!r} is neither an existing file or folder, a hub id, nor a "
                                 f"short name ({', '.join(known_models() + tuple(HUB_ALIASES))}).")
-    if path.suffix == ".gguf":
-        return GGUFFile(path)
     ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
     if not (path / "config.json").exists() and len(ggufs) == 1:
-        return GGUFFile(ggufs[0])
-    return HFFolder(path)
+        return ggufs[0]
+    return path
+
+
+def _open(name_or_path: str | os.PathLike, revision: str | None = None) -> HFFolder | GGUFFile:
+    path = _locate(name_or_path, revision)
+    return GGUFFile(path) if path.suffix == ".gguf" else HFFolder(path)
 
 
 def _for_classification(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
@@ -73,6 +78,11 @@ def _for_classification(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokeniz
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def base_provenance(name_or_path: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
+    """Source, folder, hub revision and content hash of a model (see :mod:`flaxlora.loading.provenance`)."""
+    return provenance(os.fspath(name_or_path), _locate(name_or_path, revision))
 
 
 def load_config(name_or_path: str | os.PathLike, num_labels: int = 2) -> Config:
@@ -88,6 +98,7 @@ def load_pretrained(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     seed: int = 0,
+    revision: str | None = None,
 ) -> Pretrained:
     """Loads a pretrained backbone with a sequence-classification head.
 
@@ -98,12 +109,13 @@ def load_pretrained(
       num_labels: classifier outputs.
       dtype: computation dtype; param_dtype: storage dtype of params.
       seed: seeds the weights the checkpoint lacks (heads, a missing pooler).
+      revision: the hub commit (or branch, tag) of a hub id; default the latest.
 
     Raises:
       FileNotFoundError: no such model, or a folder lacks config.json / weights.
       ValueError: unsupported architecture or tokenizer, or a tensor shape mismatch.
     """
-    source = _open(name_or_path)
+    source = _open(name_or_path, revision)
     config = config_from_hf(source.config(), num_labels=num_labels)
     model = sequence_classifier(config, dtype=dtype, param_dtype=param_dtype)
     params, missing, unused = params_from_hf(model, source.tensors(), seed=seed,

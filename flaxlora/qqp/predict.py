@@ -23,9 +23,10 @@ from flaxlora.cli import ArgumentParser
 from flaxlora.data import tables
 from flaxlora.data.batching import default_buckets, inference_batches
 from flaxlora.data.tokenize import encode_pairs, pair_format_for
-from flaxlora.loading import load_pretrained
+from flaxlora.loading import Pretrained, base_provenance, load_pretrained
+from flaxlora.loading.provenance import check_same_base
 from flaxlora.lora.adapters import merge_pretrained
-from flaxlora.qqp.config import RunConfig
+from flaxlora.qqp.config import DTYPES, RunConfig
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
 
 
@@ -66,15 +67,27 @@ class Predictor:
         return self.logits(q1s, q2s).argmax(axis=-1).astype(np.int32)
 
 
+def load_base(meta: dict[str, Any]) -> tuple[RunConfig, Pretrained]:
+    """The run configuration saved in checkpoint ``meta`` and its base model, rebuilt from the same
+    source and hub revision in the run's compute dtype.
+
+    Raises ValueError if the base's content hash differs from the one the run recorded."""
+    run = RunConfig.from_dict(meta["run"])
+    saved = meta.get("base")
+    base = base_provenance(run.model, (saved or {}).get("revision"))
+    check_same_base(saved, base)
+    return run, load_pretrained(run.model, num_labels=2, dtype=DTYPES[run.dtype], seed=run.seed,
+                                revision=base["revision"])
+
+
 def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 64) -> Predictor:
     """A :class:`Predictor` from a run's output folder or its ``checkpoints/`` folder.
 
-    ``step`` picks a checkpoint (default: the latest).
+    ``step`` picks a checkpoint (default: the newest readable).
     """
     with Checkpointer(checkpoint_dir(path), read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference(step)
-    run = RunConfig.from_dict(meta["run"])
-    pretrained = load_pretrained(run.model, num_labels=2, seed=run.seed)
+    run, pretrained = load_base(meta)
     params = jax.jit(lambda p, t: merge_pretrained(p, t["lora"], run.lora, t["extras"]))(pretrained.params, trainable)
     return Predictor(pretrained.model, params, pretrained.tokenizer,
                      pair_format_for(pretrained.kind),

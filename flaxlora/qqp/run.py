@@ -28,7 +28,8 @@ import numpy as np
 from flaxlora import training
 from flaxlora.data.batching import TrainIterator, default_buckets, eval_batches
 from flaxlora.data.tokenize import encode_pairs, pair_format_for
-from flaxlora.loading import load_config, load_pretrained
+from flaxlora.loading import base_provenance, load_config, load_pretrained
+from flaxlora.loading.provenance import check_same_base
 from flaxlora.lora.adapters import merge
 from flaxlora.lora.optim import lora_optimizer
 from flaxlora.lora.rank_allocation import allocate
@@ -112,10 +113,13 @@ def check_resume(saved: dict[str, Any], saved_step: int, run: RunConfig, train_p
                          f"saved, {now} now): resume with {flag} {value} or use a new --output-dir")
 
 
-def preflight(run: RunConfig, out: Path, resume: bool) -> tuple[RunConfig, jax.sharding.Mesh, Any]:
+def preflight(run: RunConfig, out: Path, resume: bool) -> tuple[RunConfig, jax.sharding.Mesh, Any, dict[str, Any]]:
     """Every check that can fail before a weight is loaded or a file written: mesh and batch sizes,
-    max length, the output folder and resume compatibility, the data. Returns ``(run, mesh, data)``;
-    ``run`` keeps the saved LoRA ranks of a resumed rank-allocated run."""
+    max length, the output folder and resume compatibility (same base model too), the data.
+
+    Returns ``(run, mesh, data, base)``: ``run`` keeps the saved LoRA ranks of a resumed
+    rank-allocated run; ``base`` is the provenance of the base model (source, revision, sha256).
+    """
     mesh = check_hardware(run)
     check_model(run)
     saved, saved_step = None, None
@@ -126,18 +130,21 @@ def preflight(run: RunConfig, out: Path, resume: bool) -> tuple[RunConfig, jax.s
                 raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints: pass --resume or use a new "
                                       "--output-dir")
             if saved_step is not None:
-                saved = ckpt.read_meta()["run"]  # the newest step whose metadata reads
+                saved = ckpt.read_meta()  # the newest step whose metadata reads
     if saved is not None and run.rank_budget:  # keep the ranks allocated when the run started
-        run = run.replace(lora=RunConfig.from_dict(saved).lora)
+        run = run.replace(lora=RunConfig.from_dict(saved["run"]).lora)
     if saved is not None:
-        _check_resumable(saved, run)
+        _check_resumable(saved["run"], run)
+    saved_base = (saved or {}).get("base")
+    base = base_provenance(run.model, (saved_base or {}).get("revision"))
+    check_same_base(saved_base, base)
     data = load_qqp(run.data_dir, from_hub=run.from_hub)
     for split in ("train", "validation"):
         if split not in data.splits or not len(data[split]) or not data[split].has_labels:
             raise ValueError(f"{data.source}: no labelled {split} pairs ({data.report.summary()})")
     if saved is not None:
-        check_resume(saved, saved_step, run, len(data["train"]))
-    return run, mesh, data
+        check_resume(saved["run"], saved_step, run, len(data["train"]))
+    return run, mesh, data, base
 
 
 def allocate_ranks(run: RunConfig, pretrained, train_data, buckets) -> RunConfig:
@@ -160,12 +167,13 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     """Train and evaluate; returns (and writes to results.json) the final metrics."""
     started = time.perf_counter()
     out = Path(output_dir)
-    run, mesh, data = preflight(run, out, resume)
+    run, mesh, data, base = preflight(run, out, resume)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(out / "checkpoints", max_to_keep=run.keep_checkpoints)
     resume_step = ckpt.latest_step() if resume else None
     log.info("%s\n%s", data.source, data.report.summary())
-    pretrained = load_pretrained(run.model, num_labels=2, dtype=DTYPES[run.dtype], seed=run.seed)
+    pretrained = load_pretrained(run.model, num_labels=2, dtype=DTYPES[run.dtype], seed=run.seed,
+                                 revision=base["revision"])
     buckets = run.buckets or default_buckets(run.max_length)
     splits = labelled_splits(data, run.eval_examples)
     encoded = {name: encode_split(s, pretrained, run) for name, s in splits.items()}
@@ -209,7 +217,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
         return result
 
     def save() -> None:
-        ckpt.save(state, {"run": run.to_dict(), "data": iterator.state, "model_kind": pretrained.kind})
+        ckpt.save(state, {"run": run.to_dict(), "data": iterator.state, "model_kind": pretrained.kind, "base": base})
 
     start = int(state.step)
     bar = _progress(progress, start, total_steps)
@@ -264,6 +272,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
         "held_out_split": held_out,
         "splits": per_split,
         "model": run.model,
+        "base_model": base,
         "data": data.source,
         "data_report": {"rows_read": data.report.rows_read, "malformed": dict(data.report.malformed),
                         "duplicates_dropped": data.report.duplicates_dropped, "notes": list(data.report.notes)},
