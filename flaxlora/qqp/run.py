@@ -35,7 +35,7 @@ from flaxlora.lora.optim import lora_optimizer
 from flaxlora.lora.rank_allocation import allocate
 from flaxlora.lora.summary import summarize
 from flaxlora.models import LOGICAL_AXIS_RULES, logical_partition_specs
-from flaxlora.qqp.config import DTYPES, RunConfig
+from flaxlora.qqp.config import DTYPES, MAX_STEPS, RunConfig
 from flaxlora.qqp.data import load_qqp
 from flaxlora.qqp.reporting import RunLog, mean_throughput, peak_rss_mib, plot_curves
 from flaxlora.training import sharding
@@ -142,6 +142,8 @@ def preflight(run: RunConfig, out: Path, resume: bool) -> tuple[RunConfig, jax.s
     for split in ("train", "validation"):
         if split not in data.splits or not len(data[split]) or not data[split].has_labels:
             raise ValueError(f"{data.source}: no labelled {split} pairs ({data.report.summary()})")
+    if total_steps_of(run, len(data["train"])) > MAX_STEPS:
+        raise ValueError(f"--epochs {run.epochs} gives more than {MAX_STEPS} steps")
     if saved is not None:
         check_resume(saved["run"], saved_step, run, len(data["train"]))
     return run, mesh, data, base
