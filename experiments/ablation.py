@@ -91,7 +91,7 @@ def run_one(name: str, seed: int, base: RunConfig, out: Path) -> None:
 
 def baselines(base: RunConfig, prompt_pairs: int) -> dict[str, dict]:
     """Majority class and TF-IDF + logistic regression; for a decoder, also zero- and 4-shot
-    prompting on the first ``prompt_pairs`` pairs of each split, read at the natural threshold
+    prompting on a fair sample of ``prompt_pairs`` pairs of each split (``QQPSplit.sample``), read at the natural threshold
     (Yes > No) and at the margin threshold that maximises validation MCC ("calibrated")."""
     from flaxlora.loading import load_pretrained
     from flaxlora.qqp import baselines as b
@@ -113,14 +113,16 @@ def baselines(base: RunConfig, prompt_pairs: int) -> dict[str, dict]:
         demos = prompting.pick_demonstrations(train.question1, train.question2, train.labels, shots)
         margins, labels = {}, {}
         for name, split in splits.items():
-            pairs = list(zip(split.question1, split.question2))[:prompt_pairs]
-            margins[name] = prompting.yes_no_margin(pretrained, [prompting.chat_prompt(q1, q2, demos) for q1, q2 in pairs])
-            labels[name] = split.labels[:prompt_pairs]
+            subset = split.sample(prompt_pairs)
+            prompts = [prompting.chat_prompt(q1, q2, demos) for q1, q2 in zip(subset.question1, subset.question2)]
+            margins[name] = prompting.yes_no_margin(pretrained, prompts)
+            labels[name] = subset.labels
         candidates = np.unique(margins["validation"])
         best = max(candidates, key=lambda t: b.scores(labels["validation"], margins["validation"] >= t)["mcc"])
         for suffix, threshold in (("", 0.0), ("_calibrated", best)):
             rows[f"prompt_{shots}shot{suffix}"] = {
-                name: {**b.scores(labels[name], (margins[name] >= threshold).astype(int)), "n": len(labels[name])}
+                name: {**b.scores(labels[name], (margins[name] >= threshold).astype(int)), "n": len(labels[name]),
+                       "sampled": True}
                 for name in splits
             }
     return rows
@@ -162,7 +164,8 @@ def markdown(result: dict) -> str:
         )
     for name, r in result["baselines"].items():
         t = r["test"]
-        subset = f", first {t['n']} pairs" if "n" in t else ""
+        # Tables made before QQPSplit.sample (no "sampled") used the first n pairs by id: a biased subset.
+        subset = "" if "n" not in t else f", sample of {t['n']} pairs" if t.get("sampled") else f", first {t['n']} pairs"
         lines.append(f"| {name} (baseline{subset}) | {t['accuracy']:.4f} | {t['f1']:.4f} | {t['mcc']:.4f} | "
                      f"{r['validation']['mcc']:.4f} | 0 | | |")
     return "\n".join(lines) + "\n"
@@ -199,7 +202,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--buckets", type=lambda t: tuple(int(x) for x in t.split(",")), help="static sequence lengths, e.g. 32,64")
     p.add_argument("--learning-rate", type=float, default=5e-4, help="learning rate of the LoRA arms")
-    p.add_argument("--eval-examples", type=int, help="evaluate on the first N pairs of validation and test (default all)")
+    p.add_argument("--eval-examples", type=int, help="evaluate on a fair sample of N pairs of validation and test (by a hash of the pair id; default all)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--prompt-pairs", type=int, default=300, help="pairs per split for the prompting baselines")
     p.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)

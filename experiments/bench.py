@@ -75,7 +75,7 @@ def write_batches(model: str, seq_len: int, batch: int, eval_batch: int, path: P
     from flaxlora.qqp.data import load_qqp
 
     pretrained = load_pretrained(model)
-    train = load_qqp()["train"].head(max(4 * batch, eval_batch))
+    train = load_qqp()["train"].sample(max(4 * batch, eval_batch))
     encoded = encode_pairs(pretrained.tokenizer, train.question1, train.question2, seq_len, labels=train.labels,
                            pair_format=pair_format_for(pretrained.kind))
     padded = encoded.pad(np.arange(len(encoded)), seq_len)

@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, help="passes over the training split")
     p.add_argument("--batch-size", type=int, help="global batch size (examples per optimizer step)")
     p.add_argument("--eval-batch-size", type=int, help="examples per evaluation batch")
-    p.add_argument("--eval-examples", type=int, help="evaluate on the first N pairs of validation and test (default all)")
+    p.add_argument("--eval-examples", type=int, help="evaluate on a fair sample of N pairs of validation and test (by a hash of the pair id; default all)")
     p.add_argument("--accum-steps", type=int, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--learning-rate", type=float, help="peak learning rate (linear warmup, then decay)")
     p.add_argument("--loraplus-ratio", type=float, help="LoRA+: learning-rate ratio of B to A")
@@ -69,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", help="regex of kernels to adapt, searched in parameter paths")
     p.add_argument("--rank-budget", type=int, help="importance-based rank allocation: total LoRA rank spread "
                                                    "over the targets by gradient spectra before training")
+    p.add_argument("--max-skipped-steps", type=int,
+                   help="stop the run after this many updates in a row skipped for a non-finite loss or "
+                        "gradient (default 5); skipped updates leave the weights unchanged")
     p.add_argument("--save-every", type=int, help="checkpoint every K steps (and at the end)")
     p.add_argument("--log-every", type=int, help="log loss and throughput every L steps")
     p.add_argument("--eval-every", type=int, help="evaluate on the validation split every E steps (default 200; 0: at the end only)")
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = args.output_dir or default_output_dir(args.preset, config.seed)
     try:
         results = finetune(config, output_dir, resume=args.resume, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         p.fail(err)
     if main_process:
         print(one_screen_summary(results, output_dir))

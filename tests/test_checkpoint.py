@@ -80,3 +80,81 @@ def test_inference_restore_on_another_device_count(tmp_path):
     a = trainable["lora"]["query"]["kernel"]["a"]
     assert meta == {"x": 1} and len(a.sharding.device_set) == 1
     assert float(np.asarray(a).sum()) == float(out.stdout.strip().splitlines()[-1])
+
+
+def _data_files(step_dir, item):
+    """The files orbax reads the arrays of ``item`` from (OCDBT data and b-tree files)."""
+    return [p for p in (step_dir / item).rglob("*") if p.is_file() and p.parent.name == "d"]
+
+
+def _truncate(step_dir):
+    for p in _data_files(step_dir, "trainable"):
+        os.truncate(p, p.stat().st_size // 2)
+
+
+def _overwrite(step_dir):
+    for p in _data_files(step_dir, "train"):
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 32] = b"\xa5" * 32
+        p.write_bytes(bytes(data))
+
+
+def _delete(step_dir):
+    for p in _data_files(step_dir, "trainable"):
+        p.unlink()
+
+
+def _garble_meta(step_dir):
+    (step_dir / "meta" / "metadata").write_text('{"data": ')
+
+
+@pytest.mark.parametrize("garble", [_truncate, _overwrite, _delete, _garble_meta])
+def test_unreadable_latest_step_falls_back_to_the_previous_one(tmp_path, garble, caplog):
+    state, frozen, step, batches = setup()
+    fresh = state
+    with Checkpointer(tmp_path / "ckpt", max_to_keep=3) as ckpt:
+        for i, batch in enumerate(batches):
+            state, _ = step(state, frozen, batch)
+            if i + 1 in (3, 5):
+                ckpt.save(state, {"data": {"position": i + 1}})
+    garble(tmp_path / "ckpt" / "5")
+    with Checkpointer(tmp_path / "ckpt", read_only=True) as ckpt:  # inference: skipped, left in place
+        trainable, meta = ckpt.restore_for_inference()
+        assert meta["data"]["position"] == 3 and [s for s, _ in ckpt.skipped] == [5]
+        assert ckpt.all_steps() == [3, 5]
+    with caplog.at_level("WARNING", logger="flaxlora.training.checkpoint"), Checkpointer(tmp_path / "ckpt") as ckpt:
+        resumed, meta = ckpt.restore(fresh)
+        assert ckpt.all_steps() == [3]  # step 5 moved aside, so the run can save step 5 again
+    assert "skipping unreadable checkpoint step 5" in caplog.text
+    assert (tmp_path / "ckpt.unreadable" / "5").is_dir()
+    assert int(resumed.step) == 3 and meta["data"]["position"] == 3
+    for batch in batches[3:]:
+        resumed, _ = step(resumed, frozen, batch)
+    for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(resumed, {"data": {"position": 8}})
+        assert ckpt.all_steps() == [3, 8]
+
+
+def test_no_readable_step_is_one_named_error(tmp_path):
+    state, frozen, step, batches = setup()
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(state, {})
+    _truncate(tmp_path / "ckpt" / "0")
+    with Checkpointer(tmp_path / "ckpt", read_only=True) as ckpt:
+        with pytest.raises(ValueError, match=r"no readable checkpoint in .*step 0: ") as err:
+            ckpt.restore_for_inference()
+        assert "\n" not in str(err.value)
+        with pytest.raises(ValueError, match=r"checkpoint step 0 in .* is unreadable") as err:
+            ckpt.restore_for_inference(step=0)
+        assert "\n" not in str(err.value)
+
+
+def test_non_finite_params_are_never_saved(tmp_path):
+    state, frozen, step, batches = setup()
+    poisoned = state.replace(trainable=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.inf), state.trainable))
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        with pytest.raises(FloatingPointError, match="refusing to save step 0"):
+            ckpt.save(poisoned, {})
+        assert ckpt.all_steps() == []

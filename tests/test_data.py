@@ -96,20 +96,47 @@ def test_malformed_rows_are_counted_not_raised(tmp_path):
     ]
     rows = good[:10] + bad + good[10:]
     _write_tsv(tmp_path / "qqp.tsv", rows)
+    # Bytes that are not UTF-8 (counted, never replaced), a field over the csv module's limit
+    # (unparseable), a BOM, CRLFs and control characters (kept verbatim).
+    invalid = b"\t".join([b"107", b"", b"", b"Caf\xe9 latin-1?", b"Valid?", b"0"])
+    huge = b"\t".join([b"108", b"", b"", b"x" * 200_000, b"Valid?", b"1"])
+    crlf = [_row(i) for i in range(200, 204)] + [[204, "", "", "NUL\x00 and \x1b[0m?", "Bell\x07?", 1]]
+    (tmp_path / "more.tsv").write_bytes(
+        "\ufeff".encode() + b"\r\n".join(["\t".join(map(str, r)).encode() for r in [HEADER, *crlf]] + [invalid, huge])
+        + b"\r\n")
+    (tmp_path / "notes.csv").write_text("title,body\nhello,world\nfoo,bar\n")  # no question columns
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")
     data = load_qqp(tmp_path)
     report = data.report
-    assert report.rows_read == len(rows)
+    assert report.rows_read == len(rows) + len(crlf) + 2 + 2
     assert report.malformed == {
-        "unparseable": 0,
+        "unparseable": 1,
+        "invalid_utf8": 1,
         "wrong_column_count": 2,
+        "no_question_columns": 2,
         "empty_question": 2,
         "bad_label": 3,
     }
-    assert report.malformed_total == len(bad)
-    assert {i for s in data.splits.values() for i in s.ids} == {str(r[0]) for r in good}
+    assert report.malformed_total == len(bad) + 2 + 2
+    assert {i for s in data.splits.values() for i in s.ids} == {str(r[0]) for r in good + crlf}
+    assert all("\r" not in q and "\ufeff" not in q for s in data.splits.values() for q in s.question2 + s.ids)
+    assert "NUL\x00 and \x1b[0m?" in {q for s in data.splits.values() for q in s.question1}
     # The header is line 1, so the first bad row is line 12.
-    assert report.problems[0] == "qqp.tsv:12: wrong_column_count"
-    assert "bad_label 3" in report.summary()
+    assert "qqp.tsv:12: wrong_column_count" in report.problems
+    assert "more.tsv:7: invalid_utf8" in report.problems and "more.tsv:8: unparseable" in report.problems
+    assert [n.split(":")[0] for n in report.notes] == ["broken.parquet", "notes.csv"]
+    assert "no question1/question2 columns" in report.notes[1] and "bad_label 3" in report.summary()
+    assert report.notes[1] in report.summary()
+
+
+def test_nothing_usable_is_one_named_error(tmp_path):
+    (tmp_path / "notes.csv").write_text("title,body\nhello,world\n")
+    (tmp_path / "bad.tsv").write_bytes(b"id\tquestion1\tquestion2\tis_duplicate\n1\t\xff\tb\t1\n2\ta\n")
+    with pytest.raises(ValueError, match="no usable question pairs") as err:
+        load_qqp(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "notes.csv: ignored (no question1/question2 columns" in message
+    assert "invalid_utf8 1" in message and "wrong_column_count 1" in message
 
 
 def test_bundled_sample_counts_and_splits(sample):
@@ -128,12 +155,41 @@ def test_bundled_sample_counts_and_splits(sample):
         assert 0.36 < split.positive_rate < 0.5  # Between the natural and balanced files' rates.
 
 
-def test_split_head_keeps_order_and_alignment(sample):
+def _source(pair_id):
+    return "glue" if pair_id.isdigit() else pair_id.split("_")[0]
+
+
+def _source_shares(split):
+    sources = [_source(i) for i in split.ids]
+    return {s: sources.count(s) / len(sources) for s in ("glue", "pcp", "quora")}
+
+
+@pytest.mark.parametrize("name", ["validation", "test"])
+def test_split_sample_is_fair(sample, name):
+    """--eval-examples 300 used to take the first 300 ids: one source only and 35% duplicates on
+    test against 42% in the split. The sample's duplicate rate and source mix match the split."""
+    split = sample[name]
+    whole = _source_shares(split)
+    old = {s: [_source(i) for i in split.ids[:300]].count(s) / 300 for s in whole}  # the old subset
+    assert old["quora"] == 0 and abs(old["quora"] - whole["quora"]) > 0.07  # what this test catches
+    sub = split.sample(300)
+    assert len(sub) == 300 and len(set(sub.ids)) == 300
+    assert abs(sub.positive_rate - split.positive_rate) < 0.05
+    shares = _source_shares(sub)
+    for source, share in whole.items():
+        assert abs(shares[source] - share) < 0.07, (source, shares, whole)
+
+
+def test_split_sample_keeps_alignment_and_nests(sample):
     split = sample["validation"]
-    head = split.head(5)
-    assert len(head) == 5 and head.ids == split.ids[:5] and head.question2 == split.question2[:5]
-    np.testing.assert_array_equal(head.labels, split.labels[:5])
-    assert len(split.head(10**6)) == len(split)
+    index = {pair_id: i for i, pair_id in enumerate(split.ids)}
+    sub = split.sample(50)
+    rows = [index[i] for i in sub.ids]
+    assert sub.question1 == tuple(split.question1[i] for i in rows)
+    assert sub.question2 == tuple(split.question2[i] for i in rows)
+    np.testing.assert_array_equal(sub.labels, split.labels[rows])
+    assert split.sample(20).ids == sub.ids[:20]  # a smaller sample is part of a larger one
+    assert sorted(split.sample(10**6).ids) == sorted(split.ids)
 
 
 def test_bundled_sample_files_match_readme():
@@ -457,3 +513,29 @@ def test_prefetch_keeps_order_and_the_position_after_each_batch():
     with pytest.raises(ValueError, match="bad batch"):
         next(prefetch(iter([reference[0]]), fail))
     assert list(prefetch(iter(reference[:2]), len)) == [len(b) for b in reference[:2]]
+
+
+def test_predict_tsv_reader_reports_bad_rows_by_line(tmp_path):
+    from flaxlora.qqp.predict import _read_pairs
+
+    good = tmp_path / "good.tsv"
+    good.write_bytes("\ufeffid\tquestion1\tquestion2\r\nx1\tHow?\t\r\nx2\t  \tWhy?\r\n".encode())
+    assert _read_pairs(str(good)) == (["How?", "  "], ["", "Why?"], ["x1", "x2"])  # empty questions predict
+    two = tmp_path / "two.tsv"
+    two.write_text("How do I cook rice?\tHow should I cook rice?\nWhat is AI?\tWho won?\n")
+    assert _read_pairs(str(two)) == (["How do I cook rice?", "What is AI?"], ["How should I cook rice?", "Who won?"], [0, 1])
+    bad = tmp_path / "bad.tsv"
+    bad.write_bytes(b"question1\tquestion2\tid\na\tb\n"  # id column missing: used to raise IndexError
+                    b"a\tb\tc\td\n\xff\tb\tc\nok\tok\tok\n")
+    with pytest.raises(ValueError) as err:
+        _read_pairs(str(bad))
+    assert str(err.value).endswith("3 of 4 rows unusable (invalid_utf8 1, wrong_column_count 2; expected 3 "
+                                   "tab-separated UTF-8 columns): line 2: wrong_column_count, line 3: "
+                                   "wrong_column_count, line 4: invalid_utf8")
+    headerless = tmp_path / "headerless.tsv"
+    headerless.write_bytes(b"a\xff\tb\nc\td\te\n")
+    with pytest.raises(ValueError, match="line 1: invalid_utf8, line 2: wrong_column_count"):
+        _read_pairs(str(headerless))
+    (tmp_path / "empty.tsv").write_text("")
+    with pytest.raises(ValueError, match="holds no question pairs"):
+        _read_pairs(str(tmp_path / "empty.tsv"))

@@ -426,12 +426,20 @@ def renamed(old, new):
     (None, lambda s: {**s, "bias": "all"}, r"bias='all': missing \['base_model.model.bert.embeddings.LayerNorm.bias'"),
     (None, lambda s: {**s, "peft_type": "IA3"}, r"peft_type 'IA3'; only LORA"),
     (None, lambda s: {**s, "init_lora_weights": "loftq"}, r"init_lora_weights='loftq' changes the base weights"),
+    (None, lambda s: {**s, "target_modules": ".*(query"}, r"target_modules '\.\*\(query' is not a valid regex \(missing \)"),
+    (None, lambda s: {**s, "target_modules": "a" * 5000}, r"target_modules must be a regex string of at most 1000"),
+    (None, lambda s: {**s, "target_modules": 7}, r"target_modules must be a regex string or a list of module names"),
+    (None, lambda s: {**s, "rank_pattern": {"query[": 4}}, r"rank_pattern key .* is not a valid regex"),
+    (None, lambda s: {**s, "alpha_pattern": ["query"]}, r"alpha_pattern must be an object of regex keys"),
+    (None, lambda s: {**s, "modules_to_save": ["(classifier"]}, r"modules_to_save entry .* is not a valid regex"),
 ], ids=["lora_B-missing", "module-missing", "head-bias-missing", "hidden-size", "num-labels", "unknown-module",
         "unknown-tensor", "not-targeted", "rank", "dora-magnitude-missing", "layers_to_transform", "bias-option",
-        "bias-all-incomplete", "ia3", "loftq"])
+        "bias-all-incomplete", "ia3", "loftq", "bad-target-regex", "long-target-regex", "target-type",
+        "bad-rank-pattern", "alpha-pattern-type", "bad-modules-to-save"])
 def test_bad_adapters_are_rejected_naming_the_problem(minilm, exported, tmp_path, tensors, settings, error):
-    with pytest.raises(ValueError, match=error):
+    with pytest.raises(ValueError, match=error) as err:
         load_peft(broken(exported, tmp_path, tensors, settings), minilm.params)
+    assert "\n" not in str(err.value)
 
 
 @pytest.fixture(scope="module")
@@ -504,10 +512,24 @@ def test_cli_never_overwrites_or_loses_files(trained_run, tmp_path, monkeypatch,
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
+    (out / "sub").mkdir()
+    (out / "sub" / "data.bin").write_bytes(b"\x00\x01")
     args = ["--checkpoint", str(trained_run), "--format", "peft", "--out", str(out)]
     with pytest.raises(SystemExit) as err:
         export.main(args)
-    assert "is not empty: pass --force to replace it" in str(err.value) and "\n" not in str(err.value)
+    assert "is not empty: pass --force to replace a previous export" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(SystemExit) as err:  # --force replaces only a previous export of this tool
+        export.main([*args, "--force"])
+    assert "holds no flaxlora_export.json" in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in out.rglob("*")) == ["data.bin", "keep.txt", "sub"]
+    assert (out / "keep.txt").read_text() == "precious" and (out / "sub" / "data.bin").read_bytes() == b"\x00\x01"
+
+    new = tmp_path / "new"
+    export.main(["--checkpoint", str(trained_run), "--format", "peft", "--out", str(new)])
+    exported = sorted(p.name for p in new.iterdir())
+    assert exported == ["README.md", "adapter_config.json", "adapter_model.safetensors", "flaxlora_export.json"]
+    assert json.loads((new / "flaxlora_export.json").read_text())["format"] == "peft"
+    before = (new / "adapter_model.safetensors").read_bytes()
 
     def failing(folder, *args, **kwargs):
         (pathlib.Path(folder) / "adapter_model.safetensors").write_bytes(b"half written")
@@ -515,21 +537,23 @@ def test_cli_never_overwrites_or_loses_files(trained_run, tmp_path, monkeypatch,
 
     monkeypatch.setattr(export, "save_peft", failing)
     with pytest.raises(OSError, match="disk full"):
-        export.export(trained_run, out, "peft", force=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["keep.txt"]
+        export.export(trained_run, new, "peft", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
+    assert (new / "adapter_model.safetensors").read_bytes() == before
     monkeypatch.undo()
 
-    export.main([*args, "--force"])
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    export.main(["--checkpoint", str(trained_run), "--format", "merged", "--out", str(new), "--force"])
+    assert json.loads((new / "flaxlora_export.json").read_text())["format"] == "merged"
+    assert not (new / "adapter_config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
     for bad, message in [
         (["--checkpoint", str(tmp_path / "nothing"), "--format", "peft", "--out", str(tmp_path / "x")], "no run or checkpoint folder"),
         (["--checkpoint", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "x")], "invalid choice: 'onnx'"),
         (["--checkpoint", str(trained_run), "--format", "merged", "--out", str(trained_run), "--force"], "holds the checkpoint"),
-        (["--checkpoint", str(trained_run), "--format", "merged", "--out", str(out / "adapter_config.json")], "is not a folder"),
+        (["--checkpoint", str(trained_run), "--format", "merged", "--out", str(new / "config.json")], "is not a folder"),
         (["--checkpoint", str(trained_run), "--step", "999", "--format", "peft", "--out", str(tmp_path / "x")], "no checkpoint for step 999"),
     ]:
         with pytest.raises(SystemExit) as err:
             export.main(bad)
         assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]

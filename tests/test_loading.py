@@ -1,6 +1,7 @@
 """Loading from folders, sharded and bf16 safetensors, GGUF and short names; clear errors."""
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -221,3 +222,45 @@ def test_smollm2_continues_a_prompt(smollm2):
         logits = tied_lm_logits(smollm2, ids, mask)
         ids[0, n], mask[0, n] = np.argmax(logits[0, n - 1]), 1
     assert smollm2.tokenizer.decode(ids[0, len(prompt):]) == " Paris."
+
+
+def test_load_config_reads_the_position_limit_without_weights():
+    from flaxlora.loading import load_config
+    from flaxlora.models.config import BertConfig
+
+    assert load_config("minilm-l6").max_sequence_length == 512
+    assert load_config("smollm2-135m").max_sequence_length == 8192  # GGUF llama.context_length
+    roberta = BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, max_position_embeddings=514, pad_token_id=1, model_type="roberta")
+    assert roberta.max_sequence_length == 512  # positions start at pad_token_id + 1
+
+
+def test_provenance_hashes_config_and_weights_with_a_cache(tmp_path, monkeypatch):
+    from flaxlora.loading import base_provenance
+    from flaxlora.loading.provenance import CACHE_FILE, check_same_base
+
+    monkeypatch.setenv("FLAXLORA_CACHE_DIR", str(tmp_path / "cache"))
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)}
+    folder = write_folder(tmp_path / "model", {"model_type": "bert", "hidden_size": 8}, tensors, shards=2)
+    first = base_provenance(folder)
+    assert first["source"] == str(folder) and first["revision"] is None
+    assert sorted(first["files"]) == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    weights = folder / "model-00001-of-00002.safetensors"
+    assert first["files"][weights.name] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    # The cache answers while the size and mtime are unchanged ...
+    cache_file = tmp_path / "cache" / CACHE_FILE
+    cache = json.loads(cache_file.read_text())
+    cache[str(weights.resolve())]["sha256"] = "f" * 64
+    cache_file.write_text(json.dumps(cache))
+    assert base_provenance(folder)["files"][weights.name] == "f" * 64
+    # ... and a changed file is hashed again.
+    save_file({"a": np.zeros((2, 3), np.float32)}, weights)
+    second = base_provenance(folder)
+    assert second["files"][weights.name] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert second["sha256"] != first["sha256"]
+    check_same_base(None, second)  # a run saved before provenance: nothing to compare
+    check_same_base(second, second)
+    with pytest.raises(ValueError, match=r"has sha256 .* but the run was trained on .* with sha256 .*restore that model"):
+        check_same_base(first, second)
+    cache_file.write_text("{not json")  # a damaged cache is rebuilt, never fatal
+    assert base_provenance(folder)["sha256"] == second["sha256"]

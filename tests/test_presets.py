@@ -19,6 +19,8 @@ def test_presets_round_trip_through_json_dicts():
     (dict(learning_rate=0.0), "learning_rate must be > 0"),
     (dict(lora_path="fast"), "lora_path must be"),
     (dict(eval_examples=0), "eval_examples must be >= 1"),
+    (dict(eval_batch_size=0), "eval_batch_size must be >= 1"),
+    (dict(max_skipped_steps=0), "max_skipped_steps must be >= 1"),
     (dict(lora=RunConfig().lora.replace(dropout=0.1), lora_path="merged"), "use lora_path='factored'"),
 ])
 def test_invalid_run_configs_name_the_problem(changes, message):
@@ -44,3 +46,28 @@ def test_enhanced_preset_adapts_every_linear_layer_under_two_percent(model, requ
     kernels = {p for p, leaf in pytree.flatten(params).items() if p.endswith("/kernel") and leaf.ndim == 2}
     adapted = {row[0] for row in summaries["enhanced"].rows}
     assert adapted == {p for p in kernels if not p.startswith(("classifier", "score"))}
+
+
+def test_batch_sizes_must_split_over_the_mesh_batch_axes():
+    """On 8 (simulated) devices, checked before any data or weight is loaded."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+from flaxlora.qqp.config import RunConfig
+from flaxlora.qqp.run import check_hardware
+for changes in (dict(mesh="data=4,fsdp=2", eval_batch_size=12), dict(mesh="data=2,tensor=4", batch_size=31)):
+    try:
+        check_hardware(RunConfig(**changes))
+    except ValueError as err:
+        print(err)
+print(dict(check_hardware(RunConfig(mesh="data=2,tensor=4", batch_size=32, eval_batch_size=6)).shape))
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("--eval-batch-size 12 must be a multiple of the 8 devices on the batch axes")
+    assert lines[1].startswith("--batch-size 31 must be a multiple of the 2 devices")
+    assert lines[2] == "{'data': 2, 'fsdp': 1, 'tensor': 4}"

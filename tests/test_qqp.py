@@ -5,11 +5,13 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -44,6 +46,7 @@ def test_run_writes_every_output(finished_run):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "split" not in r]
     assert [r["step"] for r in train] == [2, 4, 6, 8]
+    assert saved["skipped_steps"] == 0 and all(r["skipped"] == 0 for r in train)
     assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)
     assert {r["split"] for r in records if "split" in r} == {"eval", "test"}
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [4, 6, 8]  # keep 3
@@ -78,6 +81,71 @@ def test_kill_9_then_resume_is_bitwise_exact(qqp_script, data_dir, finished_run,
     assert steps[:4] == [2, 4, 6, 8]  # no duplicated records after the resume
 
 
+def test_resume_skips_a_garbled_latest_checkpoint(qqp_script, data_dir, finished_run, tmp_path, capsys):
+    out = tmp_path / "garbled"
+    shutil.copytree(finished_run[0], out)
+    for p in (out / "checkpoints" / "8" / "trainable").rglob("*"):
+        if p.is_file() and p.parent.name == "d":  # the OCDBT files holding the arrays
+            os.truncate(p, p.stat().st_size // 2)
+    qqp_script.main(flags(data_dir, out, "--resume"))
+    assert "skipping unreadable checkpoint step 8" in capsys.readouterr().err  # the run's log
+    assert (out / "checkpoints.unreadable" / "8").is_dir()
+    with Checkpointer(finished_run[0] / "checkpoints", read_only=True) as a, Checkpointer(out / "checkpoints", read_only=True) as b:
+        (ta, _), (tb, _) = a.restore_for_inference(8), b.restore_for_inference(8)
+    flat_a, flat_b = flaxlora.pytree.flatten(ta), flaxlora.pytree.flatten(tb)
+    for key in flat_a:
+        np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:4] == [2, 4, 6, 8]  # the records after step 6 were rewritten, not duplicated
+
+
+def test_an_absurd_learning_rate_stops_with_one_line_and_finite_weights(qqp_script, data_dir, tmp_path):
+    out = tmp_path / "diverged"
+    with pytest.raises(SystemExit) as err:
+        qqp_script.main(flags(data_dir, out, "--learning-rate", "1e6", "--max-steps", "30",
+                              "--max-skipped-steps", "3"))
+    message = str(err.value)
+    assert "training diverged" in message and "--max-skipped-steps 3" in message and "\n" not in message
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["skipped"] for r in records) >= 3 and records[-1]["step"] < 30
+    with Checkpointer(out / "checkpoints", read_only=True) as ckpt:
+        assert ckpt.latest_step() == records[-1]["step"]  # the last finite state, saved at the stop
+        for step in ckpt.all_steps():
+            trainable, _ = ckpt.restore_for_inference(step)
+            assert all(np.isfinite(x).all() for x in flaxlora.pytree.flatten(trainable).values()), step
+
+
+def test_a_glue_folder_full_of_malformed_rows_trains(qqp_script, data_dir, tmp_path):
+    """GLUE layout (train.tsv, dev.tsv) where about a third of the rows are broken in every way the
+    loader counts; the run trains on the rest and reports each reason."""
+    lines = (data_dir / "rows.tsv").read_bytes().splitlines()
+    header, rows = lines[0], lines[1:241]
+    breakers = [
+        lambda r: r.replace(b"?", b"\xff?", 1),  # not UTF-8
+        lambda r: r + b"\textra",  # a column too many
+        lambda r: r.rsplit(b"\t", 1)[0],  # a column too few
+        lambda r: r.rsplit(b"\t", 1)[0] + b"\t2",  # label outside {0, 1}
+        lambda r: b"\t".join(r.split(b"\t")[:3] + [b"   ", *r.split(b"\t")[4:]]),  # blank question1
+    ]
+    broken = [breakers[i % 5](r) if i % 3 == 0 else r for i, r in enumerate(rows)]
+    data = tmp_path / "glue"
+    data.mkdir()
+    (data / "train.tsv").write_bytes(b"\xef\xbb\xbf" + b"\r\n".join([header, *broken[:200]]) + b"\r\n")
+    (data / "dev.tsv").write_bytes(b"\n".join([header, *broken[200:]]) + b"\n")
+    (data / "readme.csv").write_text("note\nnot a QQP file\n")
+    out = tmp_path / "out"
+    results = qqp_script.main(["--data-dir", str(data), "--output-dir", str(out), "--max-steps", "2",
+                              "--batch-size", "16", "--max-length", "64", "--buckets", "64",
+                              "--eval-batch-size", "16", "--save-every", "0", "--quiet"])
+    report = results["data_report"]
+    assert report["rows_read"] == 241 and sum(report["malformed"].values()) == 80 + 1
+    assert report["notes"] == ["readme.csv: ignored (no question1/question2 columns in header ('note',))"]
+    assert {k for k, v in report["malformed"].items() if v} == {
+        "invalid_utf8", "wrong_column_count", "bad_label", "empty_question", "no_question_columns"}
+    assert results["examples"] == {"train": 200 - 67, "validation": 40 - 13}
+    assert np.isfinite(results["loss"]) and results["held_out_split"] == "validation"
+
+
 def test_restored_predictor_reproduces_the_reported_metrics(data_dir, finished_run):
     out, results = finished_run
     predictor = flaxlora.restore(out)
@@ -90,6 +158,34 @@ def test_restored_predictor_reproduces_the_reported_metrics(data_dir, finished_r
     assert predictor.logits(["What is AI?"], ["What is artificial intelligence?"]).shape == (1, 2)
     with pytest.raises(ValueError, match="2 first questions but 1 second"):
         predictor.predict(["a", "b"], ["c"])
+
+
+def _edit_meta(run_dir, edit):
+    for meta in (run_dir / "checkpoints").glob("*/meta/metadata"):
+        meta.write_text(json.dumps(edit(json.loads(meta.read_text()))))
+
+
+def test_restore_and_export_rebuild_the_recorded_base(qqp_script, data_dir, finished_run, tmp_path):
+    out, results = finished_run
+    from flaxlora.loading import base_provenance
+
+    assert results["base_model"]["sha256"] == base_provenance("minilm-l6")["sha256"]
+    assert results["base_model"]["source"] == "minilm-l6" and "model.safetensors" in results["base_model"]["files"]
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(out, bf16)
+    _edit_meta(bf16, lambda m: {**m, "run": {**m["run"], "dtype": "bfloat16"}})
+    assert flaxlora.restore(bf16).model.dtype == jnp.bfloat16  # the run's compute dtype
+    other = tmp_path / "other-base"
+    shutil.copytree(out, other)
+    _edit_meta(other, lambda m: {**m, "base": {**m["base"], "sha256": "0" * 64}})
+    with pytest.raises(ValueError, match="adapters are only valid on the base they were trained on"):
+        flaxlora.restore(other)
+    cli = subprocess.run([sys.executable, "-m", "flaxlora.export", "--checkpoint", str(other), "--format", "peft",
+                          "--out", str(tmp_path / "adapter")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert cli.returncode != 0 and "has sha256" in cli.stderr and "Traceback" not in cli.stderr
+    assert not (tmp_path / "adapter").exists()
+    with pytest.raises(SystemExit, match="has sha256"):
+        qqp_script.main(flags(data_dir, other, "--resume"))
 
 
 def test_predict_cli(finished_run, tmp_path):
@@ -113,7 +209,7 @@ def test_predict_cli(finished_run, tmp_path):
     assert missing.returncode != 0 and "no run or checkpoint folder" in missing.stderr
 
 
-def test_bad_flags_and_existing_runs_get_one_line_errors(qqp_script, data_dir, finished_run, capsys):
+def test_bad_flags_and_existing_runs_get_one_line_errors(qqp_script, data_dir, finished_run, tmp_path):
     script = qqp_script
     with pytest.raises(SystemExit) as err:
         script.main(["--bogus"])
@@ -123,6 +219,7 @@ def test_bad_flags_and_existing_runs_get_one_line_errors(qqp_script, data_dir, f
     assert "rank must be an integer >= 1" in str(err.value)
     out, _ = finished_run
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    before_files = [p.name for p in out.iterdir()]
     with pytest.raises(SystemExit) as err:
         script.main(flags(data_dir, out))  # same output dir without --resume
     assert "pass --resume" in str(err.value)
@@ -130,13 +227,31 @@ def test_bad_flags_and_existing_runs_get_one_line_errors(qqp_script, data_dir, f
     with pytest.raises(SystemExit) as err:
         script.main(flags(data_dir, out, "--resume", "--rank", "4"))
     assert "different run configuration" in str(err.value) and "lora" in str(err.value)
+    for extra, message in [
+        (("--max-steps", "6"), "--max-steps gives 6 steps, fewer than the 8 already trained"),
+        (("--max-steps", "10"), "--max-steps changes the learning-rate schedule (8 steps saved, 10 now): "
+                                "resume with --max-steps 8"),
+        (("--mesh", "data=2"), "needs 2 devices, 1 available"),
+        (("--mesh", "data=two"), "expected 'axis=size"),
+        (("--max-length", "600", "--buckets", "600"), "--max-length 600 exceeds the 512 positions of minilm-l6"),
+        (("--eval-batch-size", "0"), "eval_batch_size must be >= 1"),
+    ]:
+        with pytest.raises(SystemExit) as err:
+            script.main(flags(data_dir, out, "--resume", *extra))
+        assert message in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in out.iterdir()) == sorted(before_files)  # nothing written
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    results = script.main(flags(data_dir, copy, "--resume", "--eval-batch-size", "8", "--epochs", "5"))  # allowed
+    assert results["steps"] == 8 and results["run"]["eval_batch_size"] == 8
 
 
 def test_importance_rank_allocation_run_restores_and_resumes(qqp_script, data_dir, tmp_path):
     out = tmp_path / "allocated"
     script = qqp_script
     budget = ["--rank-budget", "40", "--targets", r"(query|key|value)/kernel$"]
-    script.main(flags(data_dir, out, *budget, "--max-steps", "2"))
+    script.main(flags(data_dir, out, *budget, "--max-steps", "4"))
+    shutil.rmtree(out / "checkpoints" / "4")  # as if stopped after step 2
     with Checkpointer(out / "checkpoints", read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference()
     ranks = {p: a.shape[-1] for p, a in flaxlora.pytree.flatten(trainable["lora"]).items() if p.endswith("/a")}

@@ -184,3 +184,38 @@ def test_bfloat16_compute_keeps_lora_and_optimizer_in_float32():
     assert len(with_kernel) > 14  # the forward of all 14 dense layers and input gradients, all in bf16
     assert {v.aval.dtype for e in with_kernel for v in e.invars} == {jnp.dtype("bfloat16")}
     assert not frozen_kernels - {(32, 2)} & {tuple(e.outvars[0].aval.shape) for e in dots}  # no weight gradient
+
+
+def test_a_non_finite_loss_skips_the_update():
+    model, _, tx, state, frozen = setup()
+    step = jax.jit(lambda s, f, b: training.train_step(s, f, b, apply=training.logits_fn(model, CONFIG), tx=tx))
+    good, poisoned = toy_batches(2, seed=4)
+    poisoned["weights"][0] = np.nan  # a NaN loss and gradient
+    after, metrics = step(state, frozen, poisoned)
+    assert bool(metrics["skipped"]) and not np.isfinite(float(metrics["loss"]))
+    assert int(after.step) == int(state.step) + 1
+    for x, y in zip(jax.tree.leaves((after.trainable, after.opt_state)), jax.tree.leaves((state.trainable, state.opt_state))):
+        np.testing.assert_array_equal(x, y)
+    later, metrics = step(after, frozen, good)
+    assert not bool(metrics["skipped"])
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(later.trainable), jax.tree.leaves(after.trainable)))
+
+
+def test_an_absurd_learning_rate_is_skipped_and_the_state_stays_finite():
+    model, _, tx, state, frozen = setup(lr=1e30)
+    step = jax.jit(lambda s, f, b: training.train_step(s, f, b, apply=training.logits_fn(model, CONFIG), tx=tx))
+    skipped = []
+    for batch in toy_batches(6, seed=5):
+        state, metrics = step(state, frozen, batch)
+        skipped.append(bool(metrics["skipped"]))
+    assert any(skipped), "lr 1e30 should overflow"
+    assert bool(training.all_finite(state.trainable)) and bool(training.all_finite(state.opt_state))
+
+
+def test_skip_guard_counts_skips_in_a_row_one_step_late():
+    guard = training.SkipGuard(2)
+    flags = [True, False, True, True, False]
+    stops = [guard.update(jnp.asarray(f)) for f in flags]
+    assert stops == [False, False, False, False, True]  # steps 3 and 4 skipped, seen at step 5
+    with pytest.raises(ValueError, match=">= 1"):
+        training.SkipGuard(0)

@@ -42,6 +42,7 @@ KIND_FORMATS: dict[str, PairFormat] = {"encoder": "template", "encoder-decoder":
 CACHE_ENV = "FLAXLORA_CACHE_DIR"
 _CACHE_VERSION = 1
 _CHUNK = 1024
+_LONG = 4  # questions of more than _LONG * max_length bytes are encoded by _encode_long_pairs
 _FIELDS = ("input_ids", "token_type_ids", "lengths", "labels")
 
 logger = logging.getLogger(__name__)
@@ -141,21 +142,69 @@ def _leading_special_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
     return full[: next(starts, 0)]
 
 
+def hf_longest_first(n1: int, n2: int, budget: int) -> tuple[int, int]:
+    """Tokens of each question that Hugging Face tokenizers' ``"longest_first"`` pair truncation
+    keeps: all if they fit, else the shorter keeps up to half (ties: the first is the shorter)
+    and the longer the rest."""
+    if n1 + n2 <= budget:
+        return n1, n2
+    short, long = sorted((n1, n2))
+    long = short if short > budget else max(short, budget - short)
+    if short + long > budget:
+        short, long = budget // 2, budget // 2 + budget % 2
+    kept = (long, short) if n1 > n2 else (short, long)
+    return min(n1, kept[0]), min(n2, kept[1])
+
+
+def _encode_long_pairs(
+    tokenizer: PreTrainedTokenizerFast, q1s: Sequence[str], q2s: Sequence[str], max_length: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """What ``_encode_template`` gives, for pairs with long questions.
+
+    The pair truncation of Hugging Face tokenizers forms every overflowing window of both
+    questions and every pair of them, quadratic in their lengths (two 10k-token questions take
+    GBs); here the pairs are encoded whole, linear in their lengths, and the tokens that
+    truncation would remove are dropped from the end of each question.
+    """
+    budget = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+    out = tokenizer(list(q1s), list(q2s), return_token_type_ids=True, return_attention_mask=False, verbose=False)
+    ids, types = [], []
+    for row in range(len(q1s)):
+        sequence = out.sequence_ids(row)  # None for template tokens, 0 / 1 for the questions
+        keep = hf_longest_first(sequence.count(0), sequence.count(1), budget)
+        seen = [0, 0]
+        chosen = []
+        for i, s in enumerate(sequence):
+            if s is not None:
+                seen[s] += 1
+            if s is None or seen[s] <= keep[s]:
+                chosen.append(i)
+        ids.append([out["input_ids"][row][i] for i in chosen])
+        types.append([out["token_type_ids"][row][i] for i in chosen])
+    return ids, types
+
+
 def _encode_template(
     tokenizer: PreTrainedTokenizerFast, q1s: Sequence[str], q2s: Sequence[str], max_length: int
 ) -> tuple[list[list[int]], list[list[int]]]:
-    ids, types = [], []
-    for start in range(0, len(q1s), _CHUNK):
-        out = tokenizer(
-            list(q1s[start : start + _CHUNK]),
-            list(q2s[start : start + _CHUNK]),
-            truncation="longest_first",
-            max_length=max_length,
-            return_token_type_ids=True,
-            return_attention_mask=False,
-        )
-        ids.extend(out["input_ids"])
-        types.extend(out["token_type_ids"])
+    ids: list[list[int]] = [[] for _ in q1s]
+    types: list[list[int]] = [[] for _ in q1s]
+    # A question of more UTF-8 bytes (a token holds at least one) than _LONG * max_length may
+    # hold so many more tokens than max_length that Hugging Face's truncation blows up.
+    is_long = [max(len(q1.encode()), len(q2.encode())) > _LONG * max_length for q1, q2 in zip(q1s, q2s)]
+    for long in (False, True):
+        rows = [i for i, flag in enumerate(is_long) if flag == long]
+        for start in range(0, len(rows), _CHUNK):
+            chunk = rows[start : start + _CHUNK]
+            a, b = [q1s[i] for i in chunk], [q2s[i] for i in chunk]
+            if long:
+                chunk_ids, chunk_types = _encode_long_pairs(tokenizer, a, b, max_length)
+            else:
+                out = tokenizer(a, b, truncation="longest_first", max_length=max_length, return_token_type_ids=True,
+                                return_attention_mask=False)
+                chunk_ids, chunk_types = out["input_ids"], out["token_type_ids"]
+            for i, row_ids, row_types in zip(chunk, chunk_ids, chunk_types):
+                ids[i], types[i] = row_ids, row_types
     return ids, types
 
 

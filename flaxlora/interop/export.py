@@ -9,7 +9,9 @@
 :mod:`flaxlora.interop.merged`). Both carry a model card, README.md (see
 :mod:`flaxlora.interop.card`), with the run's held-out metrics from its results.json. The export
 is written to a new folder next to ``--out`` and renamed into place, so an existing ``--out``
-(replaced only with ``--force``) survives any error. Nothing but the result line is printed.
+survives any error. Every export folder holds ``flaxlora_export.json`` (what was exported, from
+where); ``--force`` replaces only a folder that holds it, so a folder of anything else is never
+touched. Nothing but the result line is printed.
 """
 
 from __future__ import annotations
@@ -20,20 +22,36 @@ import shutil
 import uuid
 from pathlib import Path
 
+from flaxlora import __version__
 from flaxlora.cli import ArgumentParser
 from flaxlora.data.tokenize import PROMPT, pair_format_for
 from flaxlora.interop.card import FILE as CARD_FILE
 from flaxlora.interop.card import ExportInfo, model_card
 from flaxlora.interop.merged import classification_pad_token, save_merged
 from flaxlora.interop.peft import save_peft
-from flaxlora.loading import Pretrained, known_models, load_pretrained
+from flaxlora.loading import Pretrained, known_models
 from flaxlora.loading.registry import HUB_ALIASES, resolve
 from flaxlora.lora import merge_pretrained, summarize
 from flaxlora.qqp.config import PRESETS, RunConfig
 from flaxlora.qqp.data import LABEL_WORDS
+from flaxlora.qqp.predict import load_base
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
 
 FORMATS = ("peft", "merged")
+MARKER = "flaxlora_export.json"
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    """FileExistsError unless ``out`` is absent, an empty folder, or (with ``force``) an export of this tool."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise FileExistsError(f"{out} is not empty: pass --force to replace a previous export, or choose another --out")
+    if not (out / MARKER).is_file():
+        raise FileExistsError(f"{out} is not empty and holds no {MARKER}, so it is not a previous export of "
+                              "flaxlora: --force replaces only those; choose another --out")
 
 
 def _replace(staging: Path, out: Path) -> None:
@@ -91,27 +109,25 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
     """Export the run at ``checkpoint`` (its output or checkpoints/ folder) as ``fmt`` to ``out``.
 
     Raises:
-      FileExistsError: ``out`` is a file, or a non-empty folder and not ``force``.
+      FileExistsError: ``out`` is a file, or a non-empty folder and not ``force`` or without flaxlora_export.json.
       FileNotFoundError: no checkpoint (at ``step``).
       ValueError: an unknown format, or a run PEFT cannot express (see :func:`flaxlora.interop.save_peft`).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     source, out = checkpoint_dir(checkpoint).resolve(), Path(out).resolve()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
     if out == source or out in source.parents:
         raise FileExistsError(f"{out} holds the checkpoint being exported: choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} is not empty: pass --force to replace it")
+    _check_replaceable(out, force)
     with Checkpointer(source, read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference(step)
-        step = ckpt.latest_step() if step is None else step
-    run = RunConfig.from_dict(meta["run"])
-    if run.text_to_text:
+        if step is None:  # the newest readable step, which restore_for_inference fell back to
+            unreadable = {s for s, _ in ckpt.skipped}
+            step = max(s for s in ckpt.all_steps() if s not in unreadable)
+    if RunConfig.from_dict(meta["run"]).text_to_text:
         raise ValueError("a text-to-text run scores label words with T5's LM head, which neither a PEFT SEQ_CLS "
                          "adapter nor a sequence-classifier folder expresses: use flaxlora.restore(RUN) instead")
-    pretrained = load_pretrained(run.model, num_labels=len(LABEL_WORDS), seed=run.seed)
+    run, pretrained = load_base(meta)
     lora, extras = trainable["lora"], trainable["extras"]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -130,6 +146,9 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
             lora=run.lora, summary=summarize(pretrained.params, lora, run.lora, extras), step=step,
             results=_results(source), labels=LABEL_WORDS, inputs=_inputs(run, pretrained), peft_config=peft_config)
         (staging / CARD_FILE).write_text(model_card(info), encoding="utf-8")
+        marker = {"tool": "flaxlora", "version": __version__, "format": fmt, "checkpoint": str(source),
+                  "model": run.model, "base": meta.get("base")}
+        (staging / MARKER).write_text(json.dumps(marker, indent=2))
         _replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -143,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="peft: PEFT LoRA adapter folder; merged: Hugging Face model folder")
     p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true", help=f"replace a previous export at --out (a folder with {MARKER})")
     args = p.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.format, step=args.step, force=args.force)

@@ -359,12 +359,43 @@ def _read_config(folder: Path) -> dict[str, Any]:
     missing = [k for k in ("r", "lora_alpha", "target_modules") if settings.get(k) is None]
     if missing:
         raise ValueError(f"{file} lacks {', '.join(missing)}")
+    _check_regexes(settings, file)
     init = settings.get("init_lora_weights", True)
     if not isinstance(init, (bool, str)) or init not in PEFT_INITS:
         raise ValueError(f"{file}: init_lora_weights={init!r} changes the base weights in a way not reproduced "
                          f"here (supported: {list(PEFT_INITS)}); convert it to plain LoRA in PEFT with "
                          "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
     return settings
+
+
+MAX_PATTERN = 1000  # longest regex accepted from a foreign adapter_config.json
+
+
+def _check_regexes(settings: Mapping[str, Any], file: Path) -> None:
+    """ValueError naming the field unless every regex the adapter brings (``target_modules`` as a
+    string, ``rank_pattern`` / ``alpha_pattern`` keys, ``modules_to_save`` entries) is a string of
+    at most ``MAX_PATTERN`` characters that compiles as :func:`_targeted` and friends use it."""
+    targets = settings["target_modules"]
+    if not isinstance(targets, str) and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"{file}: target_modules must be a regex string or a list of module names, got {targets!r:.80}")
+    regexes = [("target_modules", targets)] if isinstance(targets, str) else []
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = settings.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise ValueError(f"{file}: {field} must be an object of regex keys, got {patterns!r:.80}")
+        regexes += [(f"{field} key", rf"(.*\.)?({key})$" if isinstance(key, str) else key) for key in patterns]
+    saved = settings.get("modules_to_save") or []
+    if not isinstance(saved, list):
+        raise ValueError(f"{file}: modules_to_save must be a list of module names, got {saved!r:.80}")
+    regexes += [("modules_to_save entry", rf"(^|.*\.){m}($|\..*)" if isinstance(m, str) else m) for m in saved]
+    for field, regex in regexes:
+        if not isinstance(regex, str) or len(regex) > MAX_PATTERN:
+            raise ValueError(f"{file}: {field} must be a regex string of at most {MAX_PATTERN} characters, "
+                             f"got {regex!r:.80}")
+        try:
+            re.compile(regex)
+        except re.error as err:
+            raise ValueError(f"{file}: {field} {regex!r:.80} is not a valid regex ({err})") from None
 
 
 def _read_tensors(folder: Path) -> dict[str, np.ndarray]:

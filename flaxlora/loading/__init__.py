@@ -9,8 +9,13 @@
 from flaxlora.loading.convert import params_from_hf, to_hf
 from flaxlora.loading.gguf_file import GGUFFile
 from flaxlora.loading.hf_folder import HFFolder
-from flaxlora.loading.pretrained import Pretrained, load_pretrained
+from flaxlora.loading.pretrained import (
+    Pretrained,
+    base_provenance,
+    load_config,
+    load_pretrained,
+)
 from flaxlora.loading.registry import known_models
 
-__all__ = ["GGUFFile", "HFFolder", "Pretrained", "known_models", "load_pretrained", "params_from_hf",
-           "to_hf"]
+__all__ = ["GGUFFile", "HFFolder", "Pretrained", "base_provenance", "known_models", "load_config", "load_pretrained",
+           "params_from_hf", "to_hf"]

@@ -93,8 +93,9 @@ class HFFolder:
         return tokenizer
 
 
-def download(repo_id: str) -> Path:
-    """Downloads (or finds in the local cache) a hub repository; returns its folder.
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """Downloads (or finds in the local cache) a hub repository at ``revision`` (default the latest);
+    returns its folder.
 
     Raises:
       FileNotFoundError: the hub is unreachable (offline) or the repository does not exist.
@@ -103,7 +104,7 @@ def download(repo_id: str) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(HUB_PATTERNS)))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS)))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
         raise FileNotFoundError(
             f"Could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "

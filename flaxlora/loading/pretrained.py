@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from flaxlora.loading.convert import params_from_hf
 from flaxlora.loading.gguf_file import GGUFFile
 from flaxlora.loading.hf_folder import HFFolder, download
+from flaxlora.loading.provenance import provenance
 from flaxlora.loading.registry import HUB_ALIASES, known_models, resolve
 from flaxlora.models import (
     T5Config,
@@ -57,23 +58,27 @@ class Pretrained:
     unused: tuple[str, ...] = ()
 
 
-def _open(name_or_path: str | os.PathLike) -> HFFolder | GGUFFile:
+def _locate(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """The model's HF folder or .gguf file (a hub id is downloaded first)."""
     name = os.fspath(name_or_path)
     if name in known_models():
         path = resolve(name)
     elif os.path.exists(name):
         path = Path(name)
     elif name in HUB_ALIASES or _HUB_ID.match(name):
-        path = download(HUB_ALIASES.get(name, name))
+        path = download(HUB_ALIASES.get(name, name), revision)
     else:
         raise FileNotFoundError(f"{name!r} is neither an existing file or folder, a hub id, nor a "
                                 f"short name ({', '.join(known_models() + tuple(HUB_ALIASES))}).")
-    if path.suffix == ".gguf":
-        return GGUFFile(path)
     ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
     if not (path / "config.json").exists() and len(ggufs) == 1:
-        return GGUFFile(ggufs[0])
-    return HFFolder(path)
+        return ggufs[0]
+    return path
+
+
+def _open(name_or_path: str | os.PathLike, revision: str | None = None) -> HFFolder | GGUFFile:
+    path = _locate(name_or_path, revision)
+    return GGUFFile(path) if path.suffix == ".gguf" else HFFolder(path)
 
 
 def _for_classification(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
@@ -103,6 +108,17 @@ def _t5_complete(source: HFFolder, missing: tuple[str, ...]) -> None:
                          "the decoder and the shared embedding.")
 
 
+def base_provenance(name_or_path: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
+    """Source, folder, hub revision and content hash of a model (see :mod:`flaxlora.loading.provenance`)."""
+    return provenance(os.fspath(name_or_path), _locate(name_or_path, revision))
+
+
+def load_config(name_or_path: str | os.PathLike, num_labels: int = 2) -> Config:
+    """The model's config alone (``config.json`` or the GGUF metadata, no weight read), for checks
+    that must pass before loading; FileNotFoundError / ValueError as :func:`load_pretrained`."""
+    return config_from_hf(_open(name_or_path).config(), num_labels=num_labels)
+
+
 def load_pretrained(
     name_or_path: str | os.PathLike,
     num_labels: int = 2,
@@ -111,6 +127,7 @@ def load_pretrained(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     seed: int = 0,
+    revision: str | None = None,
 ) -> Pretrained:
     """Loads a pretrained backbone with a sequence-classification head.
 
@@ -124,13 +141,14 @@ def load_pretrained(
         LM head is the checkpoint's `lm_head` when it has one, else the shared embedding.
       dtype: computation dtype; param_dtype: storage dtype of params.
       seed: seeds the weights the checkpoint lacks (heads, a missing pooler).
+      revision: the hub commit (or branch, tag) of a hub id; default the latest.
 
     Raises:
       FileNotFoundError: no such model, or a folder lacks config.json / weights.
       ValueError: unsupported architecture or tokenizer, a tensor shape mismatch, label words
         for a model that is not T5, or a T5 checkpoint without its decoder.
     """
-    source = _open(name_or_path)
+    source = _open(name_or_path, revision)
     config = config_from_hf(source.config(), num_labels=len(label_words) if label_words else num_labels)
     tokenizer = _for_classification(source.tokenizer())
     if label_words:

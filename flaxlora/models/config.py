@@ -62,6 +62,11 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def max_sequence_length(self) -> int:
+        """Most tokens the position table embeds (RoBERTa's positions start after the pad id)."""
+        return self.max_position_embeddings - (self.pad_token_id + 1 if self.is_roberta else 0)
+
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> BertConfig:
         positions = hf.get("position_embedding_type", "absolute")
@@ -104,6 +109,11 @@ class LlamaConfig:
     pad_token_id: int | None = None
     num_labels: int = 2
     model_type: str = "llama"
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The context length the RoPE model was trained for (there is no position table)."""
+        return self.max_position_embeddings
 
     def __post_init__(self):
         if self.num_key_value_heads is None:

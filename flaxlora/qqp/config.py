@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from flaxlora.data.batching import check_buckets
 from flaxlora.lora.config import LoraConfig
 from flaxlora.training.step import check_decay, check_lora_path
 
+MAX_STEPS = 2**31 - 1  # the step counter is int32
 # RunConfig.dtype -> the compute dtype of the model.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 from flaxlora.qqp.data import LABEL_WORDS
@@ -62,6 +64,7 @@ class RunConfig:
     loraplus_ratio: float = 1.0
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
+    max_skipped_steps: int = 5  # stop after this many updates in a row skipped for a non-finite loss or gradient
     label_smoothing: float = 0.0
     warmup_ratio: float = 0.06
     decay: str = "linear"
@@ -77,7 +80,7 @@ class RunConfig:
     save_every: int = 200
     keep_checkpoints: int = 3
     eval_batch_size: int = 64
-    eval_examples: int | None = None  # evaluate on the first N pairs of validation and test (None: all)
+    eval_examples: int | None = None  # evaluate on a fair sample of N pairs of validation and test (None: all)
 
     mesh: str | None = None  # e.g. "data=4,fsdp=2"; None: all devices on data
     dtype: str = "float32"  # compute dtype; LoRA params and optimizer state stay float32
@@ -89,18 +92,27 @@ class RunConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
             (self.accum_steps >= 1 and self.batch_size % self.accum_steps == 0,
              f"batch_size {self.batch_size} must be a multiple of accum_steps {self.accum_steps}"),
             (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
-            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
-            (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
-            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (0 < self.learning_rate < math.inf, f"learning_rate must be > 0 and finite, got {self.learning_rate}"),
+            (0 < self.loraplus_ratio < math.inf, f"loraplus_ratio must be > 0 and finite, got {self.loraplus_ratio}"),
+            (0 <= self.weight_decay < math.inf, f"weight_decay must be >= 0 and finite, got {self.weight_decay}"),
+            (self.max_grad_norm is None or 0 < self.max_grad_norm < math.inf,
+             f"max_grad_norm must be > 0 and finite (or None), got {self.max_grad_norm}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 < self.epochs < math.inf, f"epochs must be > 0 and finite, got {self.epochs}"),
+            (self.max_steps is None or 1 <= self.max_steps <= MAX_STEPS,
+             f"max_steps must be in [1, {MAX_STEPS}], got {self.max_steps}"),
+            (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}"),
             (self.log_every >= 1 and self.save_every >= 0 and self.eval_every >= 0,
              "log_every must be >= 1, save_every and eval_every >= 0"),
             (self.eval_examples is None or self.eval_examples >= 1, f"eval_examples must be >= 1, got {self.eval_examples}"),
             (self.rank_budget is None or self.rank_budget >= 1, f"rank_budget must be >= 1, got {self.rank_budget}"),
+            (self.max_skipped_steps >= 1, f"max_skipped_steps must be >= 1, got {self.max_skipped_steps}"),
         ]
         for ok, message in checks:
             if not ok:

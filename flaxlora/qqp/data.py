@@ -23,14 +23,15 @@ import numpy as np
 from flaxlora.data import tables
 
 SPLITS = ("train", "validation", "test")
-REASONS = ("unparseable", "wrong_column_count", "empty_question", "bad_label")
+# Why a row is dropped: the table checks, then a file without question columns (all its rows),
+# an empty or whitespace-only question, a label other than 0 or 1.
+REASONS = (*tables.ROW_REASONS, "no_question_columns", "empty_question", "bad_label")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 UNLABELLED = -1
 # Labels 0 and 1 as words: the T5 paper's text-to-text targets for QQP, and the exports' id2label.
 LABEL_WORDS = ("not_duplicate", "duplicate")
 _ID_COLUMNS = ("id", "idx", "pair_id", "test_id")
 _LABEL_COLUMNS = ("label", "is_duplicate")
-_MAX_PROBLEMS = 20
 HUB_NAME = ("nyu-mll/glue", "qqp")
 
 
@@ -53,9 +54,19 @@ class QQPSplit:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def head(self, n: int) -> "QQPSplit":
-        """The first ``n`` pairs (the order is the split's hash order, so a fair subsample)."""
-        return QQPSplit(self.ids[:n], self.question1[:n], self.question2[:n], self.labels[:n])
+    def sample(self, n: int) -> "QQPSplit":
+        """A fair subset of ``n`` pairs: the first ``n`` by a sha256 of each pair id.
+
+        The split itself is sorted by id, and ids carry their source (``quora_...``,
+        ``pcp_train_...``, GLUE's numbers), so its first rows are one source only; the hash order
+        is independent of the id's text, of the row order and of the seed. ``sample(m)`` is the
+        first ``m`` pairs of ``sample(n)`` for ``m <= n``.
+        """
+        order = sorted(range(len(self)), key=lambda i: _sample_key(self.ids[i]))[:n]
+        labels = self.labels[order]
+        labels.flags.writeable = False
+        pick = lambda column: tuple(column[i] for i in order)  # noqa: E731
+        return QQPSplit(pick(self.ids), pick(self.question1), pick(self.question2), labels)
 
     @property
     def has_labels(self) -> bool:
@@ -94,10 +105,11 @@ class LoadReport:
 
     def summary(self) -> str:
         reasons = ", ".join(f"{r} {n}" for r, n in self.malformed.items() if n) or "none"
+        ignored = "".join(f"; {note}" for note in self.notes)
         return (
             f"{self.rows_read} rows read; malformed dropped: {reasons}; "
             f"duplicates dropped: {self.duplicates_dropped} "
-            f"(label conflicts {self.label_conflicts})"
+            f"(label conflicts {self.label_conflicts}){ignored}"
         )
 
 
@@ -120,18 +132,8 @@ class _Pair(NamedTuple):
     label: int
 
 
-class _Tally:
-    """Counts malformed rows per reason and keeps the first few for the report."""
-
-    def __init__(self) -> None:
-        self.rows_read = 0
-        self.malformed = dict.fromkeys(REASONS, 0)
-        self.problems: list[str] = []
-
-    def drop(self, where: str, reason: str) -> None:
-        self.malformed[reason] += 1
-        if len(self.problems) < _MAX_PROBLEMS:
-            self.problems.append(f"{where}: {reason}")
+def _sample_key(pair_id: str) -> bytes:
+    return hashlib.sha256(f"qqp-sample/{pair_id}".encode()).digest()
 
 
 def pair_key(question1: str, question2: str) -> tuple[str, str]:
@@ -156,26 +158,32 @@ def _is_unlabelled(value: object) -> bool:
     return str(value).strip() == str(UNLABELLED)
 
 
-def _parse(table: tables.Table, tally: _Tally) -> tuple[list[_Pair], bool]:
-    """Valid pairs of ``table`` and whether it has labels; malformed rows go to ``tally``."""
+def _parse(table: tables.Table, tally: tables.RowTally, notes: list[str]) -> tuple[list[_Pair], bool | None]:
+    """Valid pairs of ``table`` and whether it has labels (None: the file is of no use, as said in
+    ``notes``); malformed rows go to ``tally``."""
+    if table.problem:
+        notes.append(f"{table.name}: ignored ({table.problem})")
+        return [], None
     i1, i2 = _column(table.header, ("question1",)), _column(table.header, ("question2",))
     if i1 is None or i2 is None:
-        raise ValueError(f"{table.name}: no question1/question2 columns in header {table.header}")
+        notes.append(f"{table.name}: ignored (no question1/question2 columns in header {table.header})")
+        for line, _ in table.rows:
+            tally.rows_read += 1
+            tally.drop(f"{table.name}:{line}", "no_question_columns")
+        return [], None
     i_id, i_label = _column(table.header, _ID_COLUMNS), _column(table.header, _LABEL_COLUMNS)
     width = len(table.header)
     # GLUE's test split has a label column of -1s (parquet) or none at all (TSV).
     labelled = i_label is not None and not all(
-        _is_unlabelled(f[i_label]) for _, f in table.rows if f is not None and len(f) == width
+        _is_unlabelled(f[i_label]) for _, f in table.rows if tables.row_problem(f, width) is None
     )
     pairs = []
     for line, fields in table.rows:
         tally.rows_read += 1
         where = f"{table.name}:{line}"
-        if fields is None:
-            tally.drop(where, "unparseable")
-            continue
-        if len(fields) != width:
-            tally.drop(where, "wrong_column_count")
+        problem = tables.row_problem(fields, width)
+        if problem:
+            tally.drop(where, problem)
             continue
         q1, q2 = ("" if fields[i] is None else str(fields[i]) for i in (i1, i2))
         if not q1.strip() or not q2.strip():
@@ -248,15 +256,14 @@ def _build_dataset(
     """Validates ``found`` and forms the splits (given train+validation, else a hash split)."""
     if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
         raise ValueError(f"fractions must be 3 non-negative numbers summing to 1, got {fractions}")
-    tally = _Tally()
-    parsed = [(table, *_parse(table, tally)) for table in found]
-    named = {table.split for table in found}
-    notes = []
+    tally, notes = tables.RowTally(REASONS), []
+    parsed = [(table, *_parse(table, tally, notes)) for table in found]
+    named = {table.split for table, _, labelled in parsed if labelled is not None}
     conflicts = 0
     if {"train", "validation"} <= named:
         pairs_by_split: dict[str, list[_Pair]] = collections.defaultdict(list)
-        for table, pairs, _ in parsed:
-            if table.split is None:
+        for table, pairs, labelled in parsed:
+            if table.split is None and labelled is not None:
                 notes.append(f"{table.name}: ignored (not a train/dev/validation/test file)")
             else:
                 pairs_by_split[table.split].extend(pairs)
@@ -267,19 +274,22 @@ def _build_dataset(
         for table, pairs, labelled in parsed:
             if labelled:
                 pool.extend(pairs)
-            else:
+            elif labelled is False:
                 notes.append(f"{table.name}: ignored (no labels, so it cannot be split)")
         splits, dropped, conflicts = _pool_and_split(pool, fractions)
         percent = "/".join(f"{100 * f:g}" for f in fractions)
         how = f"pooled, de-duplicated, split {percent} by sha256 of the pair id"
     report = LoadReport(
         rows_read=tally.rows_read,
-        malformed=tally.malformed,
+        malformed=tally.dropped,
         duplicates_dropped=dropped,
         label_conflicts=conflicts,
-        problems=tuple(tally.problems),
+        problems=tuple(tally.examples),
         notes=tuple(notes),
     )
+    if not any(len(split) for split in splits.values()):
+        examples = "".join(f"; {e}" for e in tally.examples[:3])
+        raise ValueError(f"{description}: no usable question pairs ({report.summary()}{examples})")
     return QQPData(splits=splits, report=report, source=f"{description}; {how}")
 
 

@@ -23,9 +23,10 @@ from flaxlora.cli import ArgumentParser
 from flaxlora.data import tables
 from flaxlora.data.batching import default_buckets, inference_batches
 from flaxlora.data.tokenize import encode_pairs, pair_format_for
-from flaxlora.loading import load_pretrained
+from flaxlora.loading import Pretrained, base_provenance, load_pretrained
+from flaxlora.loading.provenance import check_same_base
 from flaxlora.lora.adapters import merge_pretrained
-from flaxlora.qqp.config import RunConfig
+from flaxlora.qqp.config import DTYPES, RunConfig
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
 
 # The longest pair a restored T5 classifier scores without truncation.
@@ -69,17 +70,29 @@ class Predictor:
         return self.logits(q1s, q2s).argmax(axis=-1).astype(np.int32)
 
 
+def load_base(meta: dict[str, Any]) -> tuple[RunConfig, Pretrained]:
+    """The run configuration saved in checkpoint ``meta`` and its base model, rebuilt from the same
+    source and hub revision in the run's compute dtype.
+
+    Raises ValueError if the base's content hash differs from the one the run recorded."""
+    run = RunConfig.from_dict(meta["run"])
+    saved = meta.get("base")
+    base = base_provenance(run.model, (saved or {}).get("revision"))
+    check_same_base(saved, base)
+    return run, load_pretrained(run.model, num_labels=2, label_words=run.label_words, dtype=DTYPES[run.dtype],
+                                seed=run.seed, revision=base["revision"])
+
+
 def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 64) -> Predictor:
     """A :class:`Predictor` from a run's output folder or its ``checkpoints/`` folder.
 
-    ``step`` picks a checkpoint (default: the latest). Pairs are truncated to the run's max_length,
-    except for a T5 classifier: its relative positions set no limit, so it scores whole pairs (up
-    to ``T5_MAX_LENGTH`` tokens), as ``tokenizer(q1, q2)`` with the merged export does.
+    ``step`` picks a checkpoint (default: the newest readable). Pairs are truncated to the run's
+    max_length, except for a T5 classifier: its relative positions set no limit, so it scores whole
+    pairs (up to ``T5_MAX_LENGTH`` tokens), as ``tokenizer(q1, q2)`` with the merged export does.
     """
     with Checkpointer(checkpoint_dir(path), read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference(step)
-    run = RunConfig.from_dict(meta["run"])
-    pretrained = load_pretrained(run.model, num_labels=2, label_words=run.label_words, seed=run.seed)
+    run, pretrained = load_base(meta)
     params = jax.jit(lambda p, t: merge_pretrained(p, t["lora"], run.lora, t["extras"]))(pretrained.params, trainable)
     max_length, buckets = run.max_length, run.buckets or default_buckets(run.max_length)
     if pretrained.kind == "encoder-decoder":
@@ -90,23 +103,35 @@ def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 
 
 
 def _read_pairs(path: str) -> tuple[list[str], list[str], list[Any]]:
-    """Question pairs from a TSV with a header naming question1 and question2 (GLUE's), or two columns."""
+    """Question pairs from a TSV with a header naming question1 and question2 (GLUE's), or two columns.
+
+    Read by :func:`flaxlora.data.tables.read_tsv` and checked row by row like training data: a row
+    that is not UTF-8, cannot be parsed or has another number of columns than the header (two
+    without one) is a ValueError naming its line and reason, as every prediction must match a row.
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"no TSV file at {path}")
     table = tables.read_tsv(Path(path))
-    header = [h.strip() for h in table.header]
+    if table.problem:
+        raise ValueError(f"{path}: {table.problem}")
+    header = [h.strip().lower() for h in table.header]
     if "question1" in header and "question2" in header:
         i, j = header.index("question1"), header.index("question2")
         ids = header.index("id") if "id" in header else None
-        rows = table.rows
+        rows, width = list(table.rows), len(header)
     else:  # no header: the first line is a pair too
-        i, j, ids = 0, 1, None
+        i, j, ids, width = 0, 1, None, 2
         rows = [(1, list(table.header)), *table.rows] if table.header else list(table.rows)
     if not rows:
         raise ValueError(f"{path} holds no question pairs")
-    bad = [line for line, fields in rows if fields is None or len(fields) <= max(i, j)]
-    if bad:
-        raise ValueError(f"{path}: lines {bad[:5]} have too few columns")
+    tally = tables.RowTally()
+    for line, fields in rows:
+        tally.rows_read += 1
+        if problem := tables.row_problem(fields, width):
+            tally.drop(f"line {line}", problem)
+    if tally.total:
+        raise ValueError(f"{path}: {tally.total} of {tally.rows_read} rows unusable ({tally.summary()}; expected "
+                         f"{width} tab-separated UTF-8 columns): {', '.join(tally.examples[:5])}")
     fields = [f for _, f in rows]
     return [f[i] for f in fields], [f[j] for f in fields], [f[ids] if ids is not None else n for n, f in enumerate(fields)]
 

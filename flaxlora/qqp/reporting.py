@@ -65,7 +65,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    trained = [r for r in records if "split" not in r]
+    trained = [r for r in records if "split" not in r and r.get("loss") is not None]  # None: all skipped
     left.plot([r["step"] for r in trained], [r["loss"] for r in trained], label="train loss (mean of each log window)")
     for split, style in (("eval", "o-"), ("test", "s--")):
         evals = [r for r in records if r.get("split") == split]

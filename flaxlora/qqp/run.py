@@ -33,13 +33,14 @@ from flaxlora.data.batching import (
     prefetch,
 )
 from flaxlora.data.tokenize import encode_pairs, pair_format_for
-from flaxlora.loading import load_pretrained
+from flaxlora.loading import base_provenance, load_config, load_pretrained
+from flaxlora.loading.provenance import check_same_base
 from flaxlora.lora.adapters import merge
 from flaxlora.lora.optim import lora_optimizer
 from flaxlora.lora.rank_allocation import allocate
 from flaxlora.lora.summary import summarize
 from flaxlora.models import LOGICAL_AXIS_RULES, logical_partition_specs
-from flaxlora.qqp.config import DTYPES, RunConfig
+from flaxlora.qqp.config import DTYPES, MAX_STEPS, RunConfig
 from flaxlora.qqp.data import load_qqp
 from flaxlora.qqp.reporting import RunLog, mean_throughput, peak_rss_mib, plot_curves
 from flaxlora.training import sharding
@@ -49,14 +50,17 @@ from flaxlora.training.metrics import weighted_cross_entropy
 
 log = logging.getLogger(__name__)
 # Fields that may change when resuming (the budget and logging), all others must match.
-RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints", "cache_dir")
+# max_steps and epochs may change only where the number of steps (the schedule) stays (check_resume).
+RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints", "cache_dir",
+                     "max_skipped_steps", "eval_batch_size")
 
 
 def labelled_splits(data, eval_examples: int | None = None) -> dict:
-    """The labelled splits of ``data``, every split but train cut to its first ``eval_examples``."""
+    """The labelled splits of ``data``, every split but train cut to a fair sample of
+    ``eval_examples`` pairs (:meth:`~flaxlora.qqp.data.QQPSplit.sample`)."""
     splits = {name: data[name] for name in data.splits if data[name].has_labels}
     if eval_examples:
-        splits = {name: s if name == "train" else s.head(eval_examples) for name, s in splits.items()}
+        splits = {name: s if name == "train" else s.sample(eval_examples) for name, s in splits.items()}
     return splits
 
 
@@ -73,6 +77,81 @@ def _check_resumable(saved: dict[str, Any], run: RunConfig) -> None:
     if changed:
         detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {now[k]!r}" for k in changed)
         raise ValueError(f"--resume with a different run configuration ({detail}); use a new --output-dir")
+
+
+def total_steps_of(run: RunConfig, train_pairs: int) -> int:
+    """Optimizer steps of ``run``: ``max_steps``, else ``epochs`` passes over ``train_pairs``."""
+    return run.max_steps or max(1, round(run.epochs * math.ceil(train_pairs / run.batch_size)))
+
+
+def check_hardware(run: RunConfig) -> jax.sharding.Mesh:
+    """The run's mesh; ValueError unless it fits the devices and both batch sizes split over its
+    batch axes."""
+    mesh = sharding.make_mesh(run.mesh)
+    shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    for flag, size in (("--batch-size", run.batch_size), ("--eval-batch-size", run.eval_batch_size)):
+        if size % shards:
+            raise ValueError(f"{flag} {size} must be a multiple of the {shards} devices on the batch axes of "
+                             f"the mesh {dict(mesh.shape)}")
+    return mesh
+
+
+def check_model(run: RunConfig) -> None:
+    """ValueError unless ``--max-length`` fits the model's positions (read from its config alone)."""
+    limit = getattr(load_config(run.model), "max_sequence_length", None)
+    if limit is not None and run.max_length > limit:
+        raise ValueError(f"--max-length {run.max_length} exceeds the {limit} positions of {run.model}; "
+                         f"use --max-length {limit} or less")
+
+
+def check_resume(saved: dict[str, Any], saved_step: int, run: RunConfig, train_pairs: int) -> None:
+    """ValueError unless ``run`` keeps the learning-rate schedule of the run saved at ``saved_step``
+    (``saved``: its config): ``--max-steps`` / ``--epochs`` may change only where the step count stays."""
+    before, now = RunConfig.from_dict(saved), total_steps_of(run, train_pairs)
+    flag = "--max-steps" if before.max_steps != run.max_steps else "--epochs"
+    if now < saved_step:
+        raise ValueError(f"{flag} gives {now} steps, fewer than the {saved_step} already trained; "
+                         "resume with the saved budget or use a new --output-dir")
+    if now != total_steps_of(before, train_pairs):
+        value = before.max_steps if flag == "--max-steps" else before.epochs
+        raise ValueError(f"{flag} changes the learning-rate schedule ({total_steps_of(before, train_pairs)} steps "
+                         f"saved, {now} now): resume with {flag} {value} or use a new --output-dir")
+
+
+def preflight(run: RunConfig, out: Path, resume: bool) -> tuple[RunConfig, jax.sharding.Mesh, Any, dict[str, Any]]:
+    """Every check that can fail before a weight is loaded or a file written: mesh and batch sizes,
+    max length, the output folder and resume compatibility (same base model too), the data.
+
+    Returns ``(run, mesh, data, base)``: ``run`` keeps the saved LoRA ranks of a resumed
+    rank-allocated run; ``base`` is the provenance of the base model (source, revision, sha256).
+    """
+    mesh = check_hardware(run)
+    check_model(run)
+    saved, saved_step = None, None
+    if (out / "checkpoints").is_dir():
+        with Checkpointer(out / "checkpoints", read_only=True) as ckpt:
+            saved_step = ckpt.latest_step()
+            if saved_step is not None and not resume:
+                raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints: pass --resume or use a new "
+                                      "--output-dir")
+            if saved_step is not None:
+                saved = ckpt.read_meta()  # the newest step whose metadata reads
+    if saved is not None and run.rank_budget:  # keep the ranks allocated when the run started
+        run = run.replace(lora=RunConfig.from_dict(saved["run"]).lora)
+    if saved is not None:
+        _check_resumable(saved["run"], run)
+    saved_base = (saved or {}).get("base")
+    base = base_provenance(run.model, (saved_base or {}).get("revision"))
+    check_same_base(saved_base, base)
+    data = load_qqp(run.data_dir, from_hub=run.from_hub)
+    for split in ("train", "validation"):
+        if split not in data.splits or not len(data[split]) or not data[split].has_labels:
+            raise ValueError(f"{data.source}: no labelled {split} pairs ({data.report.summary()})")
+    if total_steps_of(run, len(data["train"])) > MAX_STEPS:
+        raise ValueError(f"--epochs {run.epochs} gives more than {MAX_STEPS} steps")
+    if saved is not None:
+        check_resume(saved["run"], saved_step, run, len(data["train"]))
+    return run, mesh, data, base
 
 
 def allocate_ranks(run: RunConfig, pretrained, train_data, buckets) -> RunConfig:
@@ -95,30 +174,21 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     """Train and evaluate; returns (and writes to results.json) the final metrics."""
     started = time.perf_counter()
     out = Path(output_dir)
+    run, mesh, data, base = preflight(run, out, resume)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(out / "checkpoints", max_to_keep=run.keep_checkpoints)
     resume_step = ckpt.latest_step() if resume else None
-    if not resume and ckpt.latest_step() is not None:
-        raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoints: pass --resume or use a new --output-dir")
-    if resume_step is not None:
-        saved = ckpt.read_meta(resume_step)["run"]
-        if run.rank_budget:  # keep the ranks allocated when the run started
-            run = run.replace(lora=RunConfig.from_dict(saved).lora)
-        _check_resumable(saved, run)
-
-    data = load_qqp(run.data_dir, from_hub=run.from_hub)
     log.info("%s\n%s", data.source, data.report.summary())
     pretrained = load_pretrained(run.model, num_labels=2, label_words=run.label_words, dtype=DTYPES[run.dtype],
-                                 seed=run.seed)
+                                 seed=run.seed, revision=base["revision"])
     buckets = run.buckets or default_buckets(run.max_length)
     splits = labelled_splits(data, run.eval_examples)
     encoded = {name: encode_split(s, pretrained, run) for name, s in splits.items()}
 
     if run.rank_budget and resume_step is None:
         run = allocate_ranks(run, pretrained, encoded["train"], buckets)
-    mesh = sharding.make_mesh(run.mesh)
     steps_per_epoch = math.ceil(len(encoded["train"]) / run.batch_size)
-    total_steps = run.max_steps or max(1, round(run.epochs * steps_per_epoch))
+    total_steps = total_steps_of(run, len(encoded["train"]))
     schedule = training.learning_rate_schedule(run.learning_rate, total_steps, round(run.warmup_ratio * total_steps), run.decay)
     tx = lora_optimizer(schedule, loraplus_ratio=run.loraplus_ratio, weight_decay=run.weight_decay,
                         max_grad_norm=run.max_grad_norm)
@@ -133,8 +203,9 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     )
     iterator = TrainIterator(encoded["train"], run.batch_size, buckets, seed=run.seed)
     state = jax.device_put(state, state_shardings)
-    if resume_step is not None:  # restored straight into the run's shardings
-        state, meta = ckpt.restore(state, resume_step)
+    if resume_step is not None:  # restored straight into the run's shardings, from the newest readable step
+        state, meta = ckpt.restore(state)
+        resume_step = int(state.step)
         iterator.restore(meta["data"])
     summary = summarize(frozen, state.trainable["lora"], run.lora, state.trainable["extras"])
     log.info("\n%s", summary)
@@ -153,7 +224,8 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     data_state = iterator.state  # the position after the last batch trained on
 
     def save(block: bool = True) -> None:  # periodic saves write in the background
-        ckpt.save(state, {"run": run.to_dict(), "data": data_state, "model_kind": pretrained.kind}, block=block)
+        ckpt.save(state, {"run": run.to_dict(), "data": data_state, "model_kind": pretrained.kind,
+                          "base": base}, block=block)
 
     def prepare(batch):  # in a background thread, a step ahead: host work off the step loop
         return (sharding.global_batch(batch, mesh), int(batch["attention_mask"].sum()), int(batch["weights"].sum()),
@@ -164,23 +236,35 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     bar = _progress(progress, start, total_steps)
     window_tokens, window_examples, window_losses, window_start = 0, 0, [], time.perf_counter()
     train_seconds = 0.0
+    skips = training.SkipGuard(run.max_skipped_steps)
     for step in range(start + 1, total_steps + 1):
         batch, tokens, examples, data_state = next(batches)
         window_tokens += tokens
         window_examples += examples
         state, metrics = step_fn(state, frozen, batch)
-        window_losses.append(metrics["loss"])  # stays on device: no sync per step
-        if step % run.log_every == 0 or step == total_steps:
+        window_losses.append((metrics["loss"], metrics["skipped"]))  # stays on device: no sync per step
+        stop = skips.update(metrics["skipped"])
+        if step % run.log_every == 0 or step == total_steps or stop:
             last = jax.device_get(metrics)
             elapsed = time.perf_counter() - window_start
             train_seconds += elapsed
-            record = {"step": step, "loss": float(np.mean(jax.device_get(window_losses))),
-                      "grad_norm": float(last["grad_norm"]), "lr": float(schedule(step - 1)),
+            record = {"step": step, **_window_losses(jax.device_get(window_losses)),
+                      "grad_norm": _finite_or_none(last["grad_norm"]), "lr": float(schedule(step - 1)),
                       "tokens_per_s": window_tokens / elapsed, "examples_per_s": window_examples / elapsed,
                       "epoch": step / steps_per_epoch}
             run_log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{record['loss'] or math.nan:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window_tokens, window_examples, window_losses, window_start = 0, 0, [], time.perf_counter()
+        if stop:  # the state holds the last finite update: save it, then stop with one line
+            bar.close()
+            if ckpt.latest_step() != step:
+                save()
+            run_log.close()
+            ckpt.close()
+            raise FloatingPointError(
+                f"training diverged: the {skips.in_a_row} updates before step {step} had a non-finite loss or "
+                f"gradient and were skipped (--max-skipped-steps {run.max_skipped_steps}); the last finite state "
+                f"is saved at step {step} in {out / 'checkpoints'}; lower --learning-rate and start a new run")
         bar.update(1)
         paused = time.perf_counter()  # evaluation and checkpoint time is not training time
         if run.eval_every and step % run.eval_every == 0 and step != total_steps:
@@ -201,12 +285,14 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
         "held_out_split": held_out,
         "splits": per_split,
         "model": run.model,
+        "base_model": base,
         "data": data.source,
         "data_report": {"rows_read": data.report.rows_read, "malformed": dict(data.report.malformed),
-                        "duplicates_dropped": data.report.duplicates_dropped},
+                        "duplicates_dropped": data.report.duplicates_dropped, "notes": list(data.report.notes)},
         "examples": {name: len(e) for name, e in encoded.items()},
         "positive_rate": {name: splits[name].positive_rate for name in encoded},
         "steps": total_steps,
+        "skipped_steps": sum(r.get("skipped", 0) for r in run_log.records if "split" not in r),
         "trainable_params": summary.trainable,
         "total_params": summary.total,
         "trainable_percent": 100 * summary.trainable_fraction,
@@ -224,6 +310,16 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     run_log.close()
     ckpt.close()
     return results
+
+
+def _window_losses(losses_and_skips: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """``{"loss": mean loss of the updates applied (None if none), "skipped": updates skipped}``."""
+    applied = [float(loss) for loss, skipped in losses_and_skips if not skipped]
+    return {"loss": float(np.mean(applied)) if applied else None, "skipped": len(losses_and_skips) - len(applied)}
+
+
+def _finite_or_none(x) -> float | None:
+    return float(x) if np.isfinite(x) else None
 
 
 def _progress(enabled: bool, start: int, total: int):

@@ -21,8 +21,10 @@ from flaxlora.training.metrics import (
 )
 from flaxlora.training.sharding import make_mesh, parse_mesh
 from flaxlora.training.step import (
+    SkipGuard,
     StepOptions,
     TrainState,
+    all_finite,
     init_train_state,
     jit_train_step,
     learning_rate_schedule,
@@ -31,8 +33,10 @@ from flaxlora.training.step import (
 )
 
 __all__ = [
+    "SkipGuard",
     "StepOptions",
     "TrainState",
+    "all_finite",
     "confusion_counts",
     "evaluate",
     "init_train_state",

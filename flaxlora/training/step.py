@@ -156,14 +156,44 @@ def train_step(
     weight = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    loss, grad_norm = loss / weight, optax.tree.norm(grads)
+    # A non-finite loss, gradient or result skips the update: params and optimizer state stay as
+    # they were, only the step advances (its batch is consumed). optax.apply_if_finite checks the
+    # gradient only and applies the update anyway after a number of failures; here the run stops
+    # instead (SkipGuard), and the state never holds a non-finite value.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(trainable)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     new_state = state.replace(
-        step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates), opt_state=opt_state
+        step=state.step + 1, trainable=keep(trainable, state.trainable), opt_state=keep(opt_state, state.opt_state)
     )
-    metrics = {
-        "loss": loss / weight,
-        "grad_norm": optax.tree.norm(grads),
-    }
-    return new_state, metrics
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok}
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """() bool: every value of every leaf of ``tree`` is finite."""
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+class SkipGuard:
+    """Counts updates skipped in a row (``train_step``'s ``"skipped"`` metric).
+
+    Each step's flag is read when the next step has been dispatched, so the host never waits for
+    the step it just started; ``update`` says whether the ``limit`` steps before were all skipped.
+    """
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"the limit of skipped steps in a row must be >= 1, got {limit}")
+        self.limit, self.in_a_row, self._pending = limit, 0, None
+
+    def update(self, skipped: jax.Array) -> bool:
+        """Records the flag of the step just dispatched; True when the ``limit`` steps before it
+        were all skipped."""
+        previous, self._pending = self._pending, skipped
+        if previous is not None:
+            self.in_a_row = self.in_a_row + 1 if bool(previous) else 0
+        return self.in_a_row >= self.limit
 
 
 def jit_train_step(
