@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -87,7 +87,7 @@ def _placed(source: TensorSource, name: str, transpose: bool, shape: tuple[int, 
 
 def params_from_hf(
     model: nn.Module,
-    source: TensorSource | Mapping[str, Any],
+    source: TensorSource | Mapping[str, Any] | Iterable[tuple[str, Any]],
     *,
     seed: int = 0,
     param_dtype: Any = jnp.float32,
@@ -98,7 +98,7 @@ def params_from_hf(
     Args:
       model: one of the `flaxlora.models` classifiers (its `backbone` names the backbone key,
         which checkpoints of a bare backbone omit).
-      source: a :class:`TensorSource` or a state dict ``{name: array}``.
+      source: a :class:`TensorSource`, or a state dict ``{name: array}`` (or its items).
       seed: initialises the params the checkpoint lacks, as `init_params` with this seed would.
       param_dtype: the dtype the params are stored in.
       shardings: a tree like the params of `jax.sharding.Sharding` (e.g. from
@@ -112,7 +112,7 @@ def params_from_hf(
       ValueError: a tensor's shape differs from the model's (checked before any tensor is read).
     """
     if not hasattr(source, "read"):
-        source = ArraySource(source)
+        source = ArraySource(dict(source))
     rng = jax.random.key(seed)
     shapes = flatten_dict(jax.eval_shape(functools.partial(init_params, model), rng))
     if shardings is None:
