@@ -10,7 +10,7 @@ OUT.json holds our figures at the top level:
     train_step_s           median seconds of one optimizer step (forward, backward, AdamW) after
                            --warmup steps (the first compiles)
     eval_pairs_per_s       pairs/s of the evaluation forward, batch --eval-batch at --seq-len, as the
-                           run evaluates (the adapter merged once per evaluation: ``merge_s``)
+                           run evaluates (the train step's forward on frozen weights + adapter, unmerged)
     peak_rss_mb            the side's peak resident memory (ru_maxrss), MiB
     compiles_after_warmup  XLA backend compilations during the timed steps and evaluations
     flops_per_s            useful matmul FLOPs of one step / train_step_s (see ``train_flops``)
@@ -143,9 +143,7 @@ class Ours:
 
         from flaxlora import training
         from flaxlora.loading import load_pretrained
-        from flaxlora.lora.adapters import merge
         from flaxlora.lora.optim import lora_optimizer
-        from flaxlora.models import LOGICAL_AXIS_RULES, logical_partition_specs
         from flaxlora.qqp.run import DTYPES
         from flaxlora.training import sharding
         from flaxlora.training.evaluation import make_eval_step
@@ -155,20 +153,16 @@ class Ours:
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
         run = self.run = run_config(args)
         train_batches, eval_batch, _ = load_batches(args.data, args.batch, args.eval_batch)
-        pretrained = load_pretrained(args.model, dtype=DTYPES[run.dtype])
+        mesh = sharding.make_mesh(None)
+        pretrained = load_pretrained(args.model, dtype=DTYPES[run.dtype], mesh=mesh)
         model, params = pretrained.model, pretrained.params
         del pretrained
         tx = lora_optimizer(run.learning_rate, loraplus_ratio=run.loraplus_ratio, weight_decay=run.weight_decay,
                             max_grad_norm=run.max_grad_norm)
-        state, frozen = training.init_train_state(params, run.lora, tx, jax.random.key(0))
+        self.state, self.frozen = training.init_train_state(params, run.lora, tx, jax.random.key(0), mesh)
         del params
-        mesh = sharding.make_mesh(None)
-        shardings = sharding.logical_shardings(frozen, logical_partition_specs(model), mesh, LOGICAL_AXIS_RULES)
-        self.frozen = jax.device_put(frozen, shardings)
-        del frozen
-        self.step_fn, state_shardings = training.jit_train_step(
-            training.logits_fn(model, run.lora, run.lora_path), tx, mesh, state, shardings)
-        self.state = jax.device_put(state, state_shardings)
+        self.step_fn, _ = training.jit_train_step(
+            training.logits_fn(model, run.lora, run.lora_path), tx, mesh, self.state, self.frozen)
         self.batches = [sharding.global_batch(b, mesh) for b in train_batches]
 
         def loss(trainable, batch):  # the honest work: gradients of the trainable tree only
@@ -181,16 +175,17 @@ class Ours:
         self.train(1)
         self.compile_s = time.perf_counter() - start
         self.train(args.warmup - 1)
-        self.merge_fn = jax.jit(lambda f, t: merge(f, t["lora"], run.lora, t["extras"]), out_shardings=shardings)
-        self.eval_step = make_eval_step(model, mesh, shardings)
+        apply = training.logits_fn(model, run.lora, run.lora_path)
+        self.eval_logits = lambda params, batch: apply(*params, batch)
+        self.eval_step = make_eval_step(self.eval_logits, mesh, jax.tree.map(lambda x: x.sharding,
+                                                                            (self.frozen, self.state.trainable)))
         self.eval_in = sharding.global_batch(eval_batch, mesh)
         self.zeros = lambda: (jnp.zeros(4), jnp.zeros(()), jnp.zeros(()))
-        self.merge_s = self.eval_flops = None
+        self.eval_flops = None
         if args.eval_batches:
-            self.eval(1)  # compiles the merge and the evaluation step
-            self.eval_flops = dot_flops(jax.make_jaxpr(lambda p, b: model.apply(
-                {"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"]))(
-                self.merged, self.eval_in).jaxpr) / args.eval_batch
+            self.eval(1)  # compiles the evaluation step
+            self.eval_flops = dot_flops(jax.make_jaxpr(self.eval_logits)(
+                (self.frozen, self.state.trainable), self.eval_in).jaxpr) / args.eval_batch
         self.warm_compiles = len(self.compiles)
 
     def _on_event(self, event: str, secs: float, **kwargs) -> None:
@@ -208,13 +203,11 @@ class Ours:
         return times
 
     def eval(self, n: int) -> list[float]:
-        start = time.perf_counter()
-        self.merged = self.jax.block_until_ready(self.merge_fn(self.frozen, self.state.trainable))
-        self.merge_s = time.perf_counter() - start
         times = []
         for _ in range(n):
             start = time.perf_counter()
-            self.jax.block_until_ready(self.eval_step(self.merged, self.eval_in, self.zeros()))
+            params = (self.frozen, self.state.trainable)
+            self.jax.block_until_ready(self.eval_step(params, self.eval_in, self.zeros()))
             times.append(time.perf_counter() - start)
         return times
 
@@ -225,7 +218,6 @@ class Ours:
             "train_flops": self.train_flops,
             "eval_flops_per_pair": self.eval_flops,
             "compile_s": self.compile_s,
-            "merge_s": self.merge_s,
             "lora_path": self.run.lora_path,
             "trainable_params": sum(x.size for x in self.jax.tree.leaves(self.state.trainable)),
             "device": self.jax.devices()[0].device_kind,

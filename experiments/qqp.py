@@ -77,7 +77,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, help="evaluate on the validation split every E steps (default 200; 0: at the end only)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --output-dir")
     p.add_argument("--mesh", help="device mesh, e.g. data=4,fsdp=2 (default: all devices on data)")
+    p.add_argument("--dcn-mesh", help="multi-slice: axes across TPU slices (elsewhere: processes), e.g. data=2; "
+                                      "--mesh then sizes the axes within one slice")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (LoRA and optimizer stay float32)")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"),
+                   help="storage dtype of the frozen weights (bfloat16 halves them; LoRA and optimizer stay float32)")
+    p.add_argument("--remat", choices=("auto", "none", "block", "full"),
+                   help="activation checkpointing per layer: block keeps its weight matmuls' outputs, full only its "
+                        "input; auto (default): full where the mesh has fsdp > 1, else none")
     p.add_argument("--lora-path", choices=("merged", "factored"), help="factored xW+s(xA)B (default: no weight-sized gradient) or merged W+sAB")
     p.add_argument("--cache-dir", help="tokenisation cache (default ~/.cache/flaxlora or $FLAXLORA_CACHE_DIR)")
     p.add_argument("--distributed", action="store_true",

@@ -11,9 +11,7 @@ from toy_models import toy_batches
 import flaxlora
 from flaxlora import training
 from flaxlora.models import (
-    LOGICAL_AXIS_RULES,
     init_params,
-    logical_partition_specs,
     sequence_classifier,
 )
 from flaxlora.training import sharding
@@ -23,20 +21,16 @@ CONFIG = flaxlora.LoraConfig(rank=4, alpha=8.0, targets=r"(query|value)/kernel$"
 
 def losses(mesh):
     model = sequence_classifier(tiny_bert(num_labels=2, vocab_size=32))
-    params = init_params(model, jax.random.key(0))
+    params = jax.device_put(init_params(model, jax.random.key(0)), sharding.param_shardings(model, mesh))
     tx = flaxlora.lora_optimizer(1e-2)
-    state, frozen = training.init_train_state(params, CONFIG, tx, jax.random.key(1))
-    frozen_shardings = sharding.logical_shardings(frozen, logical_partition_specs(model), mesh, LOGICAL_AXIS_RULES)
-    frozen = jax.device_put(frozen, frozen_shardings)
+    state, frozen = training.init_train_state(params, CONFIG, tx, jax.random.key(1), mesh)
     apply = training.logits_fn(model, CONFIG, "factored")
-    step, state_shardings = training.jit_train_step(apply, tx, mesh, state, frozen_shardings,
-                                                 training.StepOptions(accum_steps=2))
-    state = jax.device_put(state, state_shardings)
+    step, _ = training.jit_train_step(apply, tx, mesh, state, frozen, training.StepOptions(accum_steps=2))
     out = []
     for b in toy_batches(6, batch_size=16, seed=1):
         state, metrics = step(state, frozen, sharding.global_batch(b, mesh))
         out.append(float(metrics["loss"]))
-    split = [s.spec for s in jax.tree.leaves(frozen_shardings) if "fsdp" in str(s.spec)]
+    split = [x.sharding.spec for x in jax.tree.leaves(frozen) if "fsdp" in str(x.sharding.spec)]
     return out, bool(split)
 
 

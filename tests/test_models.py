@@ -230,3 +230,36 @@ def test_config_from_hf_rejects_unknown_architectures():
         config_from_hf({**dataclasses.asdict(tiny_bert()), "position_embedding_type": "relative_key"})
     with pytest.raises(ValueError, match="hidden_act 'swish2'"):
         init_params(sequence_classifier(tiny_bert(hidden_act="swish2")), jax.random.key(0))
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama", "t5"])
+def test_remat_keeps_names_logits_and_gradients(kind):
+    """Activation checkpointing changes what the backward pass recomputes, nothing it computes."""
+    from flaxlora.models import T5Config
+
+    config = {"bert": tiny_bert(num_labels=2), "llama": tiny_llama(num_labels=2),
+              "t5": T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                             feed_forward_proj="gated-gelu")}[kind]
+    ids = jax.random.randint(jax.random.key(1), (2, 7), 2, 60)
+    mask = jnp.ones_like(ids).at[1, 5:].set(0)
+    labels = jnp.array([0, 1])
+
+    def loss_and_grads(remat):
+        model = sequence_classifier(dataclasses.replace(config, remat=remat))
+        params = init_params(model, jax.random.key(0))
+
+        def loss(p):
+            logits = model.apply({"params": p}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(2)})
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
+
+        return params, jax.jit(jax.value_and_grad(loss))(params)
+
+    params, (value, grads) = loss_and_grads("none")
+    for remat in ("block", "full"):
+        remat_params, (remat_value, remat_grads) = loss_and_grads(remat)
+        assert paths(remat_params) == paths(params)
+        np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+        for g, h in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
+            np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="remat must be one of"):
+        init_params(sequence_classifier(dataclasses.replace(config, remat="some")), jax.random.key(0))

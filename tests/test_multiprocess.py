@@ -75,6 +75,19 @@ def test_two_processes_train_like_one(data_dir, tmp_path, mesh, lora_path):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_a_dcn_axis_across_processes_trains_like_one_mesh(data_dir, tmp_path):
+    """--mesh fsdp=4 --dcn-mesh data=2 on 2 processes (processes stand in for TPU slices): data across
+    them, fsdp within each, the same losses as data=2,fsdp=4 in one process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(1, run_args(data_dir, one, "data=2,fsdp=4", "factored", 2))
+    launch(2, run_args(data_dir, two, "fsdp=4", "factored", 2, "--dcn-mesh", "data=2"))
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
+    done = subprocess.run([sys.executable, str(SCRIPT), *run_args(data_dir, tmp_path / "bad", "fsdp=8", "factored", 2,
+                                                                  "--dcn-mesh", "data=2")],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode != 0 and "spans the 1 processes" in done.stderr and done.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--coordinator", "127.0.0.1:1234"], "go together"),
     (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),

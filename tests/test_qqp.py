@@ -261,3 +261,14 @@ def test_importance_rank_allocation_run_restores_and_resumes(qqp_script, data_di
     flaxlora.restore(out).predict(["What is AI?"], ["What is artificial intelligence?"])
     script.main(flags(data_dir, out, *budget, "--max-steps", "4", "--resume"))  # keeps the saved ranks
     assert json.loads((out / "results.json").read_text())["steps"] == 4
+
+
+def test_bfloat16_frozen_weights_train_and_restore(qqp_script, data_dir, tmp_path):
+    """--param-dtype bfloat16 stores the frozen base in bf16 (LoRA and optimizer in fp32); restore
+    merges the adapter into that same rounded base in fp32 and reproduces the reported metrics."""
+    out = tmp_path / "bf16"
+    results = qqp_script.main(flags(data_dir, out, "--param-dtype", "bfloat16", "--max-steps", "4", "--eval-every", "0"))
+    assert results["run"]["param_dtype"] == "bfloat16" and np.isfinite(results["loss"])
+    test = load_qqp(data_dir)["test"]
+    predicted = flaxlora.restore(out).predict(test.question1, test.question2)
+    assert np.mean(predicted == test.labels) == pytest.approx(results["accuracy"], abs=1.5 / len(test))

@@ -179,11 +179,11 @@ def test_bfloat16_compute_keeps_lora_and_optimizer_in_float32():
         s, frozen, b, apply=training.logits_fn(model, config), tx=tx))(state, toy_batches(1)[0])
     dots = [e for e in _equations(step_jaxpr.jaxpr) if e.primitive.name == "dot_general"]
     frozen_kernels = {tuple(w.shape) for p, w in pytree.flatten(frozen).items() if p.endswith("kernel")}
-    assert frozen_kernels == {(32, 32), (32, 48), (48, 32), (32, 2)}
+    assert frozen_kernels == {(32, 32), (32, 48), (48, 32)}  # the classifier is held once, in the extras
     with_kernel = [e for e in dots if any(tuple(v.aval.shape) in frozen_kernels for v in e.invars)]
-    assert len(with_kernel) > 14  # the forward of all 14 dense layers and input gradients, all in bf16
+    assert len(with_kernel) > 13  # the forward of the 13 frozen dense layers and input gradients, all in bf16
     assert {v.aval.dtype for e in with_kernel for v in e.invars} == {jnp.dtype("bfloat16")}
-    assert not frozen_kernels - {(32, 2)} & {tuple(e.outvars[0].aval.shape) for e in dots}  # no weight gradient
+    assert not frozen_kernels & {tuple(e.outvars[0].aval.shape) for e in dots}  # no weight gradient
 
 
 def test_a_non_finite_loss_skips_the_update():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -44,59 +44,103 @@ def _target(name: str, shapes: Mapping[Path, Any], backbone: str) -> Path | None
     return None
 
 
-def _convert(
-    tensors: Iterable[tuple[str, np.ndarray]],
-    shapes: Mapping[Path, jax.ShapeDtypeStruct],
-    backbone: str,
-    dtype: Any,
-) -> tuple[dict[Path, jax.Array], list[str]]:
-    """({path: array} for the tensors the model has, names of those it has not)."""
-    params, unused = {}, []
-    for name, value in tensors:
-        path = _target(name, shapes, backbone)
-        if path is None:
-            if not name.endswith(_BUFFERS):
-                unused.append(name)
-            continue
-        if path[-1] == "kernel":
-            value = value.T
-        expected = tuple(shapes[path].shape)
-        if value.shape != expected:
-            raise ValueError(
-                f"Shape mismatch for checkpoint tensor {name!r} -> {'/'.join(path)}: checkpoint "
-                f"has {tuple(value.shape)} (in our (in, out) layout), the model expects {expected}."
-            )
-        params[path] = jnp.asarray(value, dtype)
-    return params, unused
+class TensorSource(Protocol):
+    """Checkpoint tensors in Hugging Face names and layout, read slice by slice
+    (:class:`~flaxlora.loading.HFFolder`, :class:`~flaxlora.loading.GGUFFile`, :class:`ArraySource`)."""
+
+    def shapes(self) -> Mapping[str, tuple[int, ...]]: ...
+
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray: ...
+
+
+class ArraySource:
+    """A state dict ``{HF name: array}`` (e.g. a PyTorch model's, as numpy) as a TensorSource."""
+
+    def __init__(self, state: Mapping[str, Any]):
+        self.state = state
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(np.shape(value)) for name, value in self.state.items()}
+
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        return np.asarray(self.state[name])[index]
+
+
+def _placed(source: TensorSource, name: str, transpose: bool, shape: tuple[int, ...], sharding: jax.sharding.Sharding,
+            dtype: Any) -> jax.Array:
+    """Tensor ``name`` as an array of ``shape`` with ``sharding``: each device's slice is read
+    (transposed from HF's (out, in) for kernels) and cast on its own, so no host or device holds
+    more of the tensor than its shards."""
+
+    read = {}  # devices that replicate a shard share one read of it
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in read:
+            value = source.read(name, index[::-1]).T if transpose else source.read(name, index)
+            read[key] = np.array(value, dtype=dtype, order="C")  # a copy: never a view of a memory-mapped file
+        return read[key]
+
+    return jax.make_array_from_callback(shape, sharding, shard)
 
 
 def params_from_hf(
     model: nn.Module,
-    tensors: Iterable[tuple[str, np.ndarray]],
+    source: TensorSource | Mapping[str, Any] | Iterable[tuple[str, Any]],
     *,
     seed: int = 0,
     param_dtype: Any = jnp.float32,
+    shardings: Any = None,
 ) -> tuple[Any, tuple[str, ...], tuple[str, ...]]:
     """Params for `model` from checkpoint tensors in Hugging Face PyTorch names and layout.
 
     Args:
       model: one of the `flaxlora.models` classifiers (its `backbone` names the backbone key,
         which checkpoints of a bare backbone omit).
-      tensors: (name, array) pairs, consumed one at a time.
+      source: a :class:`TensorSource`, or a state dict ``{name: array}`` (or its items).
       seed: initialises the params the checkpoint lacks, as `init_params` with this seed would.
+      param_dtype: the dtype the params are stored in.
+      shardings: a tree like the params of `jax.sharding.Sharding` (e.g. from
+        :func:`flaxlora.training.sharding.param_shardings`): each process reads and places only
+        the slices its devices hold. Default: every param whole on the first local device.
 
     Returns:
       (params of plain arrays, paths initialised randomly, checkpoint names not used).
 
     Raises:
-      ValueError: a tensor's shape differs from the model's.
+      ValueError: a tensor's shape differs from the model's (checked before any tensor is read).
     """
+    if not hasattr(source, "read"):
+        source = ArraySource(dict(source))
     rng = jax.random.key(seed)
     shapes = flatten_dict(jax.eval_shape(functools.partial(init_params, model), rng))
-    params, unused = _convert(tensors, shapes, model.backbone, param_dtype)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        placement = dict.fromkeys(shapes, device)
+    else:
+        placement = flatten_dict(shardings)
+    found, unused = {}, []
+    for name, hf_shape in source.shapes().items():
+        path = _target(name, shapes, model.backbone)
+        if path is None:
+            if not name.endswith(_BUFFERS):
+                unused.append(name)
+            continue
+        ours = hf_shape[::-1] if path[-1] == "kernel" else hf_shape
+        expected = tuple(shapes[path].shape)
+        if tuple(ours) != expected:
+            raise ValueError(
+                f"Shape mismatch for checkpoint tensor {name!r} -> {'/'.join(path)}: checkpoint "
+                f"has {tuple(ours)} (in our (in, out) layout), the model expects {expected}."
+            )
+        found[path] = name
+    params = {path: _placed(source, name, path[-1] == "kernel", tuple(shapes[path].shape), placement[path], param_dtype)
+              for path, name in found.items()}
     missing = sorted(set(shapes) - set(params))
     if missing:
-        fresh = jax.jit(lambda r: [flatten_dict(init_params(model, r))[p] for p in missing])(rng)
+        fresh = jax.jit(lambda r: [flatten_dict(init_params(model, r))[p].astype(param_dtype) for p in missing],
+                        out_shardings=[placement[p] for p in missing])(rng)
         params.update(zip(missing, fresh))
     return unflatten_dict(params), tuple("/".join(p) for p in missing), tuple(unused)
 

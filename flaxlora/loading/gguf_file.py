@@ -3,7 +3,7 @@ byte-level BPE tokenizer rebuilt from the file's metadata."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ _PRE_TOKENIZERS = {
     "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
 }
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+Index = tuple[slice, ...]
 
 
 def hf_name(name: str) -> str:
@@ -101,20 +102,37 @@ class GGUFFile:
             "pad_token_id": self.field("tokenizer.ggml.padding_token_id"),
         }
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(HF name, float32 array in HF (out, in) layout), dequantised one at a time."""
+    @functools.cached_property
+    def _index(self) -> dict[str, Any]:
+        """{HF name: gguf ReaderTensor (its ``data`` a memory map of the file)}."""
+        return {hf_name(t.name): t for t in self.reader.tensors}
+
+    @functools.cached_property
+    def _heads(self) -> dict[str, int]:
+        """Heads of the projections whose rows llama.cpp permutes."""
+        cfg = self.config()
+        return {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """{HF name: shape in HF (out, in) layout}, from the file's tensor infos alone."""
+        return {name: tuple(int(n) for n in reversed(t.shape)) for name, t in self._index.items()}
+
+    def read(self, name: str, index: Index = ()) -> np.ndarray:
+        """``tensor[index]`` in HF layout, float32: only the rows of the slice are read and
+        dequantised (blocks run along the rows); q/k rows are put back in Hugging Face's order."""
         from gguf.quants import dequantize
 
-        cfg = self.config()
-        heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
-        for t in self.reader.tensors:
-            name = hf_name(t.name)
-            w = dequantize(t.data, t.tensor_type)
-            w = np.asarray(w, np.float32).reshape([int(n) for n in reversed(t.shape)])
-            projection = name.rsplit(".", 2)[-2]
-            if projection in heads:
-                w = unpermute_rows(w, heads[projection])
-            yield name, w
+        t, shape = self._index[name], self.shapes()[name]
+        if len(shape) == 1:
+            return np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(shape)[index]
+        rows, cols = (*index, slice(None), slice(None))[:2]
+        order = np.arange(shape[0])
+        projection = name.rsplit(".", 2)[-2]
+        if projection in self._heads:
+            order = unpermute_rows(order, self._heads[projection])
+        picked = order[rows]
+        w = dequantize(np.asarray(t.data[picked]), t.tensor_type).reshape(len(picked), shape[1])
+        return np.asarray(w[:, cols], np.float32)
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         """The byte-level BPE tokenizer described by the `tokenizer.ggml.*` metadata."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,30 +21,38 @@ HUB_PATTERNS = (CONFIG, "*.safetensors", WEIGHTS_INDEX, "tokenizer*", "vocab*", 
                 "special_tokens_map.json", "added_tokens.json", "*.model")
 
 
-def _bfloat16_reader(file: Path):
-    """Reads BF16 tensors, which `safetensors` cannot return as numpy, from the file layout
-    (8-byte little-endian header size, JSON header, raw data)."""
+Index = tuple[slice, ...]
+
+
+def _header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(byte offset of the data, JSON header) of a safetensors file (8-byte little-endian header
+    size, JSON header, raw data)."""
     with open(file, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+        return 8 + size, json.loads(f.read(size))
 
-    def read(name: str) -> np.ndarray:
-        start, end = header[name]["data_offsets"]
-        flat = np.fromfile(file, dtype=jnp.bfloat16, count=(end - start) // 2, offset=8 + size + start)
-        return flat.reshape(header[name]["shape"])
 
-    return read
+def read_slice(file: Path, name: str, index: Index = ()) -> np.ndarray:
+    """``tensor[index]`` of tensor ``name`` in ``file``: only those bytes are read.
+
+    BF16, which ``safetensors`` cannot return as numpy, is read from a memory map of the file.
+    """
+    with safe_open(file, framework="np") as st:
+        part = st.get_slice(name)
+        if part.get_dtype() != "BF16":
+            return part[index] if index else part[:]
+    start, header = _header(file)
+    entry = header[name]
+    whole = np.memmap(file, dtype=jnp.bfloat16, mode="r", offset=start + entry["data_offsets"][0],
+                      shape=tuple(entry["shape"]))
+    return np.array(whole[index])
 
 
 def read_safetensors(file: Path) -> Iterator[tuple[str, np.ndarray]]:
     with safe_open(file, framework="np") as st:
-        bf16 = None
-        for name in st.keys():
-            if st.get_slice(name).get_dtype() == "BF16":
-                bf16 = bf16 or _bfloat16_reader(file)
-                yield name, bf16(name)
-            else:
-                yield name, st.get_tensor(name)
+        names = list(st.keys())
+    for name in names:
+        yield name, read_slice(file, name)
 
 
 class HFFolder:
@@ -75,16 +84,21 @@ class HFFolder:
 
     def tensor_names(self) -> set[str]:
         """The names of the checkpoint's tensors (read from the file headers only)."""
-        names = set()
-        for file in self.weight_files():
-            with safe_open(file, framework="np") as st:
-                names.update(st.keys())
-        return names
+        return set(self._index)
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(HF name, numpy array) for every tensor, one at a time."""
-        for file in self.weight_files():
-            yield from read_safetensors(file)
+    @functools.cached_property
+    def _index(self) -> dict[str, tuple[Path, tuple[int, ...]]]:
+        """{HF name: (file, shape)}, from the file headers alone."""
+        return {name: (file, tuple(entry["shape"])) for file in self.weight_files()
+                for name, entry in _header(file)[1].items() if name != "__metadata__"}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """{HF name: shape} of every tensor (from the file headers: no tensor data is read)."""
+        return {name: shape for name, (_, shape) in self._index.items()}
+
+    def read(self, name: str, index: Index = ()) -> np.ndarray:
+        """``tensor[index]`` in Hugging Face layout; only the bytes of that slice are read."""
+        return read_slice(self._index[name][0], name, index)
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         tokenizer = AutoTokenizer.from_pretrained(str(self.folder))

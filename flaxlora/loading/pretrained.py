@@ -13,6 +13,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerFast
 
 from flaxlora.loading.convert import params_from_hf
@@ -28,6 +29,7 @@ from flaxlora.models import (
     text_to_text_classifier,
 )
 from flaxlora.models.auto import Config
+from flaxlora.training.sharding import param_shardings
 
 log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -128,6 +130,8 @@ def load_pretrained(
     param_dtype: Any = jnp.float32,
     seed: int = 0,
     revision: str | None = None,
+    mesh: Mesh | None = None,
+    remat: str = "none",
 ) -> Pretrained:
     """Loads a pretrained backbone with a sequence-classification head.
 
@@ -142,6 +146,11 @@ def load_pretrained(
       dtype: computation dtype; param_dtype: storage dtype of params.
       seed: seeds the weights the checkpoint lacks (heads, a missing pooler).
       revision: the hub commit (or branch, tag) of a hub id; default the latest.
+      mesh: place the params sharded on this mesh by their logical axes
+        (:func:`flaxlora.training.sharding.param_shardings`); each process reads only the slices
+        its devices hold. Default: the whole model on the first local device.
+      remat: activation checkpointing of each layer in training, "none" | "block" | "full"
+        (:data:`flaxlora.models.layers.REMAT_POLICIES`).
 
     Raises:
       FileNotFoundError: no such model, or a folder lacks config.json / weights.
@@ -149,7 +158,7 @@ def load_pretrained(
         for a model that is not T5, or a T5 checkpoint without its decoder.
     """
     source = _open(name_or_path, revision)
-    config = config_from_hf(source.config(), num_labels=len(label_words) if label_words else num_labels)
+    config = config_from_hf(source.config(), num_labels=len(label_words) if label_words else num_labels, remat=remat)
     tokenizer = _for_classification(source.tokenizer())
     if label_words:
         if isinstance(config, T5Config) and "lm_head.weight" in source.tensor_names():
@@ -158,8 +167,9 @@ def load_pretrained(
                                         param_dtype=param_dtype)
     else:
         model = sequence_classifier(config, dtype=dtype, param_dtype=param_dtype)
-    params, missing, unused = params_from_hf(model, source.tensors(), seed=seed,
-                                             param_dtype=param_dtype)
+    shardings = None if mesh is None else param_shardings(model, mesh)
+    params, missing, unused = params_from_hf(model, source, seed=seed, param_dtype=param_dtype,
+                                             shardings=shardings)
     if isinstance(config, T5Config):
         _t5_complete(source, missing)
     if missing:

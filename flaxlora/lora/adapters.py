@@ -167,8 +167,14 @@ def merge_pretrained(
 
 
 def with_extras(params: PyTree, extras: PyTree | None) -> PyTree:
-    """``params`` with the leaves of ``extras`` (a tree from :func:`trainable_params`) swapped in."""
-    return params if extras is None else pytree.replace(params, pytree.flatten(extras))
+    """``params`` with the leaves of ``extras`` (a tree from :func:`trainable_params`) swapped in,
+    or added where ``params`` lacks them (a frozen tree held without its extras, as
+    :func:`flaxlora.training.init_train_state` keeps it)."""
+    flat = pytree.flatten(extras or {})
+    present = pytree.flatten(params)
+    if flat.keys() <= present.keys():
+        return pytree.replace(params, flat)
+    return pytree.unflatten({**present, **flat})
 
 
 def unmerge(merged_params: PyTree, lora_params: PyTree, config: LoraConfig) -> PyTree:

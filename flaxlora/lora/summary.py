@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 from flaxlora import pytree
-from flaxlora.lora.adapters import adapters_by_path
+from flaxlora.lora.adapters import adapters_by_path, with_extras
 from flaxlora.lora.config import LoraConfig
 from flaxlora.lora.targets import resolve_targets
 from flaxlora.pytree import PyTree
@@ -52,6 +52,7 @@ class ParamSummary:
 def summarize(params: PyTree, lora_params: PyTree, config: LoraConfig, extras: PyTree | None = None) -> ParamSummary:
     """Trainable vs total parameters and a row per target of ``config``."""
     adapters = adapters_by_path(lora_params)
+    params = with_extras(params, extras)  # a frozen tree may be held without its extras
     flat = pytree.flatten(params)
     rows = tuple(
         (p, tuple(flat[p].shape), t.rank, count(adapters[p])) for p, t in resolve_targets(params, config).items()

@@ -52,6 +52,9 @@ class BertConfig:
     pad_token_id: int = 0
     num_labels: int = 2
     model_type: str = "bert"
+    # Not from config.json: activation checkpointing per layer, "none" | "block" | "full"
+    # (flaxlora.models.layers.REMAT_POLICIES).
+    remat: str = "none"
 
     @property
     def is_roberta(self) -> bool:
@@ -109,6 +112,9 @@ class LlamaConfig:
     pad_token_id: int | None = None
     num_labels: int = 2
     model_type: str = "llama"
+    # Not from config.json: activation checkpointing per layer, "none" | "block" | "full"
+    # (flaxlora.models.layers.REMAT_POLICIES).
+    remat: str = "none"
 
     @property
     def max_sequence_length(self) -> int:
@@ -175,6 +181,9 @@ class T5Config:
     decoder_start_token_id: int | None = None
     num_labels: int = 2
     model_type: str = "t5"
+    # Not from config.json: activation checkpointing per block, "none" | "block" | "full"
+    # (flaxlora.models.layers.REMAT_POLICIES).
+    remat: str = "none"
 
     def __post_init__(self):
         parts = self.feed_forward_proj.split("-")

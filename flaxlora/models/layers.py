@@ -26,6 +26,31 @@ ACTIVATIONS: Mapping[str, Callable[[Array], Array]] = {
 }
 
 
+# Activation checkpointing of each transformer layer: what its forward keeps for the backward pass.
+# "block" keeps the outputs of its matmuls with a weight (dots without batch dimensions) and
+# recomputes the rest (norms, activations, attention); "full" keeps only the layer's input and
+# recomputes the whole layer. Either way an FSDP all-gather of a weight is redone in the backward
+# pass instead of the gathered weight being kept alive from the forward.
+REMAT_POLICIES: Mapping[str, Callable | None] = {
+    "none": None,
+    "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_layer(layer: type[nn.Module], remat: str, deterministic_argnum: int) -> type[nn.Module]:
+    """``layer`` under ``nn.remat`` with the policy :data:`REMAT_POLICIES` names (``"none"``: as is).
+
+    deterministic_argnum: the position of the static ``deterministic`` flag in ``__call__``
+    (``self`` is 0). Parameter names are unchanged.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+    if remat == "none":
+        return layer
+    return nn.remat(layer, policy=REMAT_POLICIES[remat], static_argnums=(deterministic_argnum,))
+
+
 def activation(name: str) -> Callable[[Array], Array]:
     """The activation function called `name` in a Hugging Face config."""
     if name not in ACTIVATIONS:
@@ -156,8 +181,10 @@ class Stack(Block):
 
     @nn.compact
     def __call__(self, x: Array, *args: Any) -> Array:
+        """``x`` through every layer; ``args`` end with the ``deterministic`` flag."""
+        layer = remat_layer(self.layer, self.config.remat, deterministic_argnum=len(args) + 1)
         for i in range(self.config.num_hidden_layers):
-            x = self.layer(self.config, self.dtype, self.param_dtype, name=str(i))(x, *args)
+            x = layer(self.config, self.dtype, self.param_dtype, name=str(i))(x, *args)
         return x
 
 

@@ -31,6 +31,7 @@ from flaxlora.models.layers import (
     activation,
     attention_output,
     attention_weights,
+    remat_layer,
     split_heads,
 )
 
@@ -189,8 +190,9 @@ class T5Blocks(Block):
                  deterministic: bool) -> Array:
         cfg = self.config
         position_bias = None
+        layer = remat_layer(T5Block, cfg.remat, deterministic_argnum=6)
         for i in range(cfg.num_decoder_layers if self.is_decoder else cfg.num_layers):
-            block = T5Block(cfg, self.dtype, self.param_dtype, is_decoder=self.is_decoder, relative_bias=i == 0,
+            block = layer(cfg, self.dtype, self.param_dtype, is_decoder=self.is_decoder, relative_bias=i == 0,
                             name=str(i))
             x, position_bias = block(x, mask, position_bias, encoded, encoded_mask, deterministic)
         return x

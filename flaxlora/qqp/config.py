@@ -10,12 +10,13 @@ import jax.numpy as jnp
 
 from flaxlora.data.batching import check_buckets
 from flaxlora.lora.config import LoraConfig
+from flaxlora.models.layers import REMAT_POLICIES
+from flaxlora.qqp.data import LABEL_WORDS
 from flaxlora.training.step import check_decay, check_lora_path
 
 MAX_STEPS = 2**31 - 1  # the step counter is int32
 # RunConfig.dtype -> the compute dtype of the model.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-from flaxlora.qqp.data import LABEL_WORDS
 
 # Target regexes on '/'-joined parameter paths, for BERT/RoBERTa, Llama and T5 names alike
 # (T5: PEFT's q, v; all linear: q, k, v, o of self- and cross-attention, wi or wi_0/wi_1, wo).
@@ -83,7 +84,12 @@ class RunConfig:
     eval_examples: int | None = None  # evaluate on a fair sample of N pairs of validation and test (None: all)
 
     mesh: str | None = None  # e.g. "data=4,fsdp=2"; None: all devices on data
+    dcn_mesh: str | None = None  # axes across TPU slices (or processes), e.g. "data=2"; mesh is then per slice
     dtype: str = "float32"  # compute dtype; LoRA params and optimizer state stay float32
+    param_dtype: str = "float32"  # storage dtype of the frozen weights (bfloat16 halves their memory)
+    # Activation checkpointing per layer, "none" | "block" | "full" (REMAT_POLICIES), or "auto": "full"
+    # where the mesh shards weights over fsdp (no layer's gathered weights kept for the backward pass).
+    remat: str = "auto"
     # "factored": x@W + s (x@a)@b, no weight-sized gradient or copy (fastest, see README "Speed");
     # "merged": W + s a@b formed every step (also for targets that are not Dense kernels)
     lora_path: str = "factored"
@@ -108,6 +114,9 @@ class RunConfig:
             (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}"),
+            (self.param_dtype in DTYPES, f"param_dtype must be one of {tuple(DTYPES)}, got {self.param_dtype!r}"),
+            (self.remat in ("auto", *REMAT_POLICIES), f"remat must be auto or one of {tuple(REMAT_POLICIES)}, "
+                                                       f"got {self.remat!r}"),
             (self.log_every >= 1 and self.save_every >= 0 and self.eval_every >= 0,
              "log_every must be >= 1, save_every and eval_every >= 0"),
             (self.eval_examples is None or self.eval_examples >= 1, f"eval_examples must be >= 1, got {self.eval_examples}"),

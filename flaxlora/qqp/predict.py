@@ -9,6 +9,7 @@ from the orbax checkpoint and merged into it once: inference runs the plain mode
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -72,15 +73,18 @@ class Predictor:
 
 def load_base(meta: dict[str, Any]) -> tuple[RunConfig, Pretrained]:
     """The run configuration saved in checkpoint ``meta`` and its base model, rebuilt from the same
-    source and hub revision in the run's compute dtype.
+    source and hub revision in the run's compute dtype, its weights as the run held them (rounded
+    to its ``param_dtype``) but stored in float32, so that merging an adapter into them is exact.
 
     Raises ValueError if the base's content hash differs from the one the run recorded."""
     run = RunConfig.from_dict(meta["run"])
     saved = meta.get("base")
     base = base_provenance(run.model, (saved or {}).get("revision"))
     check_same_base(saved, base)
-    return run, load_pretrained(run.model, num_labels=2, label_words=run.label_words, dtype=DTYPES[run.dtype],
-                                seed=run.seed, revision=base["revision"])
+    pretrained = load_pretrained(run.model, num_labels=2, label_words=run.label_words, dtype=DTYPES[run.dtype],
+                                 param_dtype=DTYPES[run.param_dtype], seed=run.seed, revision=base["revision"])
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), pretrained.params)
+    return run, dataclasses.replace(pretrained, params=params)
 
 
 def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 64) -> Predictor:

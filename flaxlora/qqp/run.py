@@ -35,11 +35,9 @@ from flaxlora.data.batching import (
 from flaxlora.data.tokenize import encode_pairs, pair_format_for
 from flaxlora.loading import base_provenance, load_config, load_pretrained
 from flaxlora.loading.provenance import check_same_base
-from flaxlora.lora.adapters import merge
 from flaxlora.lora.optim import lora_optimizer
 from flaxlora.lora.rank_allocation import allocate
 from flaxlora.lora.summary import summarize
-from flaxlora.models import LOGICAL_AXIS_RULES, logical_partition_specs
 from flaxlora.qqp.config import DTYPES, MAX_STEPS, RunConfig
 from flaxlora.qqp.data import load_qqp
 from flaxlora.qqp.reporting import RunLog, mean_throughput, peak_rss_mib, plot_curves
@@ -52,7 +50,7 @@ log = logging.getLogger(__name__)
 # Fields that may change when resuming (the budget and logging), all others must match.
 # max_steps and epochs may change only where the number of steps (the schedule) stays (check_resume).
 RESUMABLE_CHANGES = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints", "cache_dir",
-                     "max_skipped_steps", "eval_batch_size")
+                     "max_skipped_steps", "eval_batch_size", "remat")
 
 
 def labelled_splits(data, eval_examples: int | None = None) -> dict:
@@ -72,7 +70,7 @@ def encode_split(split, pretrained, run: RunConfig):
 
 
 def _check_resumable(saved: dict[str, Any], run: RunConfig) -> None:
-    now = run.to_dict()
+    now, saved = run.to_dict(), RunConfig.from_dict(saved).to_dict()  # fields added since: their defaults
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {now[k]!r}" for k in changed)
@@ -87,13 +85,21 @@ def total_steps_of(run: RunConfig, train_pairs: int) -> int:
 def check_hardware(run: RunConfig) -> jax.sharding.Mesh:
     """The run's mesh; ValueError unless it fits the devices and both batch sizes split over its
     batch axes."""
-    mesh = sharding.make_mesh(run.mesh)
+    mesh = sharding.make_mesh(run.mesh, dcn=run.dcn_mesh)
     shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     for flag, size in (("--batch-size", run.batch_size), ("--eval-batch-size", run.eval_batch_size)):
         if size % shards:
             raise ValueError(f"{flag} {size} must be a multiple of the {shards} devices on the batch axes of "
                              f"the mesh {dict(mesh.shape)}")
     return mesh
+
+
+def remat_for(run: RunConfig, mesh: jax.sharding.Mesh) -> str:
+    """The run's remat policy; ``"auto"``: ``"full"`` where weights are sharded over ``fsdp`` (each
+    layer's gathered weights are then gathered again in the backward pass, not kept), else ``"none"``."""
+    if run.remat != "auto":
+        return run.remat
+    return "full" if mesh.shape["fsdp"] > 1 else "none"
 
 
 def check_model(run: RunConfig) -> None:
@@ -180,7 +186,8 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     resume_step = ckpt.latest_step() if resume else None
     log.info("%s\n%s", data.source, data.report.summary())
     pretrained = load_pretrained(run.model, num_labels=2, label_words=run.label_words, dtype=DTYPES[run.dtype],
-                                 seed=run.seed, revision=base["revision"])
+                                 param_dtype=DTYPES[run.param_dtype], seed=run.seed, revision=base["revision"],
+                                 mesh=mesh, remat=remat_for(run, mesh))  # each process reads only its devices' slices
     buckets = run.buckets or default_buckets(run.max_length)
     splits = labelled_splits(data, run.eval_examples)
     encoded = {name: encode_split(s, pretrained, run) for name, s in splits.items()}
@@ -192,17 +199,14 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     schedule = training.learning_rate_schedule(run.learning_rate, total_steps, round(run.warmup_ratio * total_steps), run.decay)
     tx = lora_optimizer(schedule, loraplus_ratio=run.loraplus_ratio, weight_decay=run.weight_decay,
                         max_grad_norm=run.max_grad_norm)
-    state, frozen = training.init_train_state(pretrained.params, run.lora, tx, jax.random.key(run.seed))
-    pretrained = dataclasses.replace(pretrained, params=None)  # only the (sharded) frozen copy stays alive
-    frozen_shardings = sharding.logical_shardings(frozen, logical_partition_specs(pretrained.model), mesh, LOGICAL_AXIS_RULES)
-    frozen = jax.device_put(frozen, frozen_shardings)
+    state, frozen = training.init_train_state(pretrained.params, run.lora, tx, jax.random.key(run.seed), mesh)
+    pretrained = dataclasses.replace(pretrained, params=None)  # the frozen tree shares its arrays
     apply = training.logits_fn(pretrained.model, run.lora, run.lora_path)
-    step_fn, state_shardings = training.jit_train_step(
-        apply, tx, mesh, state, frozen_shardings,
+    step_fn, _ = training.jit_train_step(
+        apply, tx, mesh, state, frozen,
         training.StepOptions(accum_steps=run.accum_steps, label_smoothing=run.label_smoothing),
     )
     iterator = TrainIterator(encoded["train"], run.batch_size, buckets, seed=run.seed)
-    state = jax.device_put(state, state_shardings)
     if resume_step is not None:  # restored straight into the run's shardings, from the newest readable step
         state, meta = ckpt.restore(state)
         resume_step = int(state.step)
@@ -212,12 +216,14 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
 
     writer = jax.process_index() == 0  # one host writes the logs, results and plot
     run_log = RunLog(out, resume_step, enabled=writer)
-    merge_fn = jax.jit(lambda f, t: merge(f, t["lora"], run.lora, t["extras"]), out_shardings=frozen_shardings)
-    eval_step = make_eval_step(pretrained.model, mesh, frozen_shardings)
+    # Evaluation runs the train step's own forward on (frozen, trainable): no merged copy of the model.
+    eval_shardings = jax.tree.map(lambda x: x.sharding, (frozen, state.trainable))
+    eval_logits = lambda params, batch: apply(*params, batch)  # noqa: E731
+    eval_step = make_eval_step(eval_logits, mesh, eval_shardings)
 
     def run_eval(split: str, record_as: str) -> dict[str, Any]:
         batches = eval_batches(encoded[split], run.eval_batch_size, buckets)
-        result = evaluate(pretrained.model, merge_fn(frozen, state.trainable), batches, mesh, frozen_shardings, eval_step)
+        result = evaluate(eval_logits, (frozen, state.trainable), batches, mesh, eval_shardings, eval_step)
         run_log.write({"step": int(state.step), "split": record_as, **result})
         return result
 

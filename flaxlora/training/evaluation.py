@@ -1,12 +1,14 @@
 """Jitted evaluation: accuracy, F1 (positive class), MCC and loss over a bucketed eval set.
 
-Evaluate merged params (:func:`flaxlora.merge`): the adapter costs nothing at inference.
-Confusion counts and loss sums stay on device across batches; the host syncs once at the end.
+Evaluate a model with merged params (:func:`flaxlora.merge`: the adapter costs nothing at
+inference), or, during training, any ``logits(params, batch)`` such as the train step's own
+forward on ``(frozen, trainable)`` (no merged copy of the model). Confusion counts and loss sums
+stay on device across batches; the host syncs once at the end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import flax.linen as nn
 import jax
@@ -22,15 +24,25 @@ from flaxlora.training.metrics import (
     weighted_cross_entropy,
 )
 
+Logits = Callable[[PyTree, Mapping[str, jax.Array]], jax.Array]
 
-def make_eval_step(model: nn.Module, mesh: Mesh | None = None, param_shardings: PyTree = None):
-    """``step(params, batch, totals) -> totals``, jitted; ``totals = (counts (4,), loss_sum, weight_sum)``."""
+
+def model_logits(model: nn.Module) -> Logits:
+    """``logits(params, batch) -> (batch, classes)`` of a :mod:`flaxlora.models` classifier."""
+    return lambda params, batch: model.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), deterministic=True
+    )
+
+
+def make_eval_step(model: nn.Module | Logits, mesh: Mesh | None = None, param_shardings: PyTree = None):
+    """``step(params, batch, totals) -> totals``, jitted; ``totals = (counts (4,), loss_sum, weight_sum)``.
+
+    model: a classifier module, or ``logits(params, batch)``.
+    """
+    forward = model_logits(model) if isinstance(model, nn.Module) else model
 
     def step(params, batch, totals):
-        logits = model.apply(
-            {"params": params}, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-            deterministic=True,
-        )
+        logits = forward(params, batch)
         loss, weight = weighted_cross_entropy(logits, batch["labels"], batch["weights"])
         counts = confusion_counts(logits, batch["labels"], batch["weights"])
         return totals[0] + counts, totals[1] + loss, totals[2] + weight
@@ -44,7 +56,7 @@ def make_eval_step(model: nn.Module, mesh: Mesh | None = None, param_shardings: 
 
 
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | Logits,
     params: PyTree,
     batches: Iterable[Mapping[str, np.ndarray]],
     mesh: Mesh | None = None,

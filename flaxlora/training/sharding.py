@@ -7,18 +7,22 @@ several hosts, build the mesh after ``jax.distributed.initialize()``; it spans a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from flaxlora.models import LOGICAL_AXIS_RULES, init_params, logical_partition_specs
+from flaxlora.pytree import PyTree
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-from flaxlora.pytree import PyTree
 
 
 def parse_mesh(spec: str | Mapping[str, int] | None, n_devices: int) -> dict[str, int]:
@@ -52,11 +56,33 @@ def parse_mesh(spec: str | Mapping[str, int] | None, n_devices: int) -> dict[str
     return full
 
 
-def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor) over ``devices`` (default: all devices, all hosts)."""
+def make_mesh(
+    spec: str | Mapping[str, int] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    dcn: str | Mapping[str, int] | None = None,
+) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor) over ``devices`` (default: all devices, all hosts).
+
+    ``jax.make_mesh`` orders the devices by the physical topology (TPU/GPU interconnect). ``dcn``
+    spans several slices (multi-slice TPU over the data-center network) or, on hosts without
+    slices, several processes: ``spec`` then sizes the axes within one slice (process) and ``dcn``
+    across them, each axis being their product (``--mesh fsdp=4 --dcn-mesh data=2``: data over
+    the 2 slices, fsdp within each), through ``mesh_utils.create_hybrid_device_mesh``.
+    """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = parse_mesh(spec, len(devices))
-    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    if not dcn:
+        sizes = parse_mesh(spec, len(devices))
+        return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                             devices=devices)
+    by_slice = devices[0].platform == "tpu"  # TPU slices; elsewhere processes (hosts)
+    granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+    try:
+        across = parse_mesh(dcn, granules)
+    except ValueError as err:
+        raise ValueError(f"dcn mesh {dcn!r} spans the {granules} {'slices' if by_slice else 'processes'}: {err}") from None
+    within = parse_mesh(spec, len(devices) // granules)
+    grid = mesh_utils.create_hybrid_device_mesh([within[a] for a in MESH_AXES], [across[a] for a in MESH_AXES], devices,
+                                                process_is_granule=not by_slice)
     return Mesh(grid, MESH_AXES)
 
 
@@ -88,6 +114,13 @@ def logical_shardings(params: PyTree, logical_specs: PyTree, mesh: Mesh, rules) 
         mesh_specs,
         is_leaf=lambda s: isinstance(s, P),
     )
+
+
+def param_shardings(model: nn.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> PyTree:
+    """NamedSharding per param of ``model`` (a :mod:`flaxlora.models` module) on ``mesh``, from its
+    logical axes; computed abstractly (nothing is allocated)."""
+    shapes = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+    return logical_shardings(shapes, logical_partition_specs(model), mesh, rules)
 
 
 def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -19,14 +19,12 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from flaxlora.lora.adapters import (
-    apply_lora,
-    init_adapter,
-    trainable_params,
-    with_extras,
-)
+from flaxlora import pytree
+from flaxlora.lora.adapters import apply_lora, init_adapter, with_extras
 from flaxlora.lora.config import LoraConfig
 from flaxlora.lora.factored import apply_factored
+from flaxlora.lora.targets import resolve_targets, trainable_paths
+from flaxlora.lora.variants import RESIDUAL_INITS
 from flaxlora.pytree import PyTree
 from flaxlora.training import sharding
 from flaxlora.training.metrics import weighted_cross_entropy
@@ -50,20 +48,73 @@ class TrainState(struct.PyTreeNode):
 
 
 def init_train_state(
-    params: PyTree, config: LoraConfig, tx: optax.GradientTransformation, rng: jax.Array
+    params: PyTree,
+    config: LoraConfig,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, PyTree]:
-    """``(state, frozen)``: a fresh adapter and optimizer, and the frozen base (PiSSA/OLoRA: the residual)."""
-    init_rng, step_rng = jax.random.split(rng)
-    frozen, lora = init_adapter(params, config, init_rng)
-    extras = jax.tree.map(lambda x: x.astype(jnp.float32), trainable_params(frozen, config))
-    trainable = {"lora": lora, "extras": extras}
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        trainable=trainable,
-        opt_state=tx.init(trainable),
-        rng=jax.random.key_data(step_rng),
-    )
+    """``(state, frozen)``: a fresh adapter and optimizer, and the frozen base.
+
+    Runs jitted, under ``mesh`` if given, where every new array is created in its final sharding
+    (:func:`state_shardings`; a PiSSA/OLoRA residual in its weight's), so no device ever holds
+    more than its shards. ``frozen`` is ``params`` less the fully trained extras (held once, in
+    float32, in ``state.trainable["extras"]``; :func:`~flaxlora.lora.adapters.with_extras` puts
+    them back), with the residual ``W - s a@b`` at the targets for PiSSA/OLoRA.
+    """
+    extras_paths = trainable_paths(params, config)
+    residual_paths = list(resolve_targets(params, config)) if config.init in RESIDUAL_INITS else []
+
+    def fresh(params: PyTree, rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        init_rng, step_rng = jax.random.split(rng)
+        base, lora = init_adapter(params, config, init_rng)
+        flat = pytree.flatten(base)
+        trainable = {"lora": lora, "extras": pytree.unflatten({p: flat[p].astype(jnp.float32) for p in extras_paths})}
+        state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
+                           rng=jax.random.key_data(step_rng))
+        return state, {p: flat[p] for p in residual_paths}
+
+    shardings = None
+    if mesh is not None:
+        placed = pytree.flatten(jax.tree.map(lambda x: x.sharding, params))
+        state_shape, _ = jax.eval_shape(fresh, params, rng)
+        shardings = (state_shardings(state_shape, tx, mesh, placed), {p: placed[p] for p in residual_paths})
+    state, residuals = jax.jit(fresh, out_shardings=shardings)(params, rng)
+    flat = {**pytree.flatten(params), **residuals}
+    frozen = pytree.unflatten({p: x for p, x in flat.items() if p not in extras_paths})
     return state, frozen
+
+
+def state_shardings(state: TrainState, tx: optax.GradientTransformation, mesh: Mesh,
+                    param_shardings: dict[str, jax.sharding.Sharding]) -> TrainState:
+    """Where each part of ``state`` (arrays or shapes) lives on ``mesh``: the fully trained extras
+    and their optimizer moments sharded like the weights they train (FSDP for full fine-tuning),
+    adapters, step and key replicated (they are small).
+
+    param_shardings: ``{path: sharding}`` of the model's params.
+    """
+    rep = sharding.replicated(mesh)
+    trainable = {
+        "lora": jax.tree.map(lambda _: rep, state.trainable["lora"]),
+        "extras": jax.tree_util.tree_map_with_path(lambda p, _: param_shardings[pytree.path_str(p)],
+                                                   state.trainable["extras"]),
+    }
+    # An optimizer-state leaf that copies a trainable leaf (AdamW's moments) ends in its path and
+    # has its shape: it takes that leaf's sharding. (optax.tree_map_params cannot see through
+    # multi_transform's masked states.)
+    by_path = {p: (s, state_shape) for (p, s), state_shape in zip(
+        pytree.flatten(trainable).items(), pytree.flatten(state.trainable).values())}
+
+    def like_param(path, leaf) -> jax.sharding.Sharding:
+        parts = pytree.path_str(path).split("/")
+        for i in range(len(parts)):
+            match = by_path.get("/".join(parts[i:]))
+            if match and tuple(match[1].shape) == tuple(leaf.shape):
+                return match[0]
+        return rep
+
+    opt_state = jax.tree_util.tree_map_with_path(like_param, state.opt_state)
+    return TrainState(step=rep, trainable=trainable, opt_state=opt_state, rng=rep)
 
 
 LORA_PATHS = ("merged", "factored")
@@ -201,15 +252,16 @@ def jit_train_step(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     state: TrainState,
-    frozen_shardings: PyTree,
+    frozen: PyTree,
     options: StepOptions = StepOptions(),
 ):
-    """``train_step`` jitted over ``mesh``: state (LoRA, optimizer) replicated, frozen weights as
-    given (e.g. over fsdp), the batch split over (data, fsdp); the old state's buffers are donated.
+    """``train_step`` jitted over ``mesh``: ``state`` and ``frozen`` (arrays) stay in the shardings
+    they have (see :func:`init_train_state`), the batch is split over (data, fsdp); the old state's
+    buffers are donated.
 
     Returns ``(step_fn, state_shardings)``; call ``step_fn(state, frozen, batch)``.
     """
-    state_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+    state_shardings, frozen_shardings = jax.tree.map(lambda x: x.sharding, (state, frozen))
     batch_shardings = sharding.batch_sharding(mesh)
     step = jax.jit(
         lambda s, f, b: train_step(s, f, b, apply=apply, tx=tx, options=options),
