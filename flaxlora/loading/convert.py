@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -98,7 +98,7 @@ def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
 
 def params_from_hf(
     model: nn.Module,
-    source: TensorSource | Mapping[str, Any],
+    source: TensorSource | Mapping[str, Any] | Iterable[tuple[str, Any]],
     *,
     seed: int = 0,
     param_dtype: Any = jnp.float32,
@@ -110,7 +110,7 @@ def params_from_hf(
     Args:
       model: one of the `flaxlora.models` classifiers (its `backbone` names the backbone key,
         which checkpoints of a bare backbone omit).
-      source: a :class:`TensorSource` or a state dict ``{name: array}``.
+      source: a :class:`TensorSource`, or a state dict ``{name: array}`` (or its items).
       seed: initialises the params the checkpoint lacks, as `init_params` with this seed would.
       param_dtype: the dtype the params are stored in.
       shardings: a tree like the params of `jax.sharding.Sharding` (e.g. from
@@ -127,7 +127,7 @@ def params_from_hf(
       ValueError: a tensor's shape differs from the model's (checked before any tensor is read).
     """
     if not hasattr(source, "read"):
-        source = ArraySource(source)
+        source = ArraySource(dict(source))
     rng = jax.random.key(seed)
     shapes = flatten_dict(jax.eval_shape(functools.partial(init_params, model), rng))
     if shardings is None:

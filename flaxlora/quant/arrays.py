@@ -181,8 +181,21 @@ def _gguf_rows(q: QuantizedArray) -> jax.Array:
 # ------------------------------------------------------------------------------------- decoding
 
 
-def dequantize_weight(q: QuantizedArray) -> jax.Array:
-    """The float32 (in, out) kernel ``q`` stands for. Jit-able."""
+def _after(x: jax.Array, zero: jax.Array) -> jax.Array:
+    """``x`` plus ``zero`` (exactly x, but computed only once ``zero`` exists)."""
+    return x + zero.astype(x.dtype)
+
+
+def dequantize_weight(q: QuantizedArray, after: jax.Array | None = None) -> jax.Array:
+    """The float32 (in, out) kernel ``q`` stands for. Jit-able.
+
+    after: an array the result must not be computed before (a layer's input): its first value
+      times zero is added to every code and scale, so XLA can neither schedule any part of the
+      decoding earlier nor share it with a decoding that follows another array (the forward and
+      backward passes of a layer).
+    """
+    zero = jnp.zeros((), jnp.float32) if after is None else after.reshape(-1)[0].astype(jnp.float32) * 0.0
+    q = q.replace(data={k: _after(v, zero) for k, v in q.data.items()})
     if q.scheme in GGUF_SCHEMES:
         return _gguf_rows(q).T
     if q.scheme == "int8":

@@ -23,7 +23,10 @@ from flaxlora.quant.arrays import QuantizedArray, dequantize_weight, is_quantize
 
 
 def _matmul(x: jax.Array, q: QuantizedArray, dtype) -> jax.Array:
-    w = dequantize_weight(q).astype(dtype)
+    # Decoded only once x exists: otherwise XLA may decode every layer's weight at the start (they
+    # depend on the params alone; XLA:CPU does, dropping optimization barriers), holding the whole
+    # float model at once.
+    w = dequantize_weight(q, after=x).astype(dtype)
     return jnp.dot(x.astype(dtype), w, preferred_element_type=jnp.float32)
 
 
@@ -39,7 +42,9 @@ def _fwd(x, q, dtype):
 
 def _bwd(dtype, residuals, dy):
     q, like_x = residuals
-    w = dequantize_weight(q).astype(dtype)  # again: the float weight is never kept from the forward pass
+    # Dequantize again, once dy exists (so not merged with the forward pass's dequantization, which
+    # would keep every float weight alive until the backward pass).
+    w = dequantize_weight(q, after=dy).astype(dtype)
     dx = jnp.dot(dy.astype(dtype), w.T, preferred_element_type=jnp.float32).astype(like_x.dtype)
     no_gradient = jax.tree.map(
         lambda a: np.zeros(a.shape, jax.dtypes.float0) if jnp.issubdtype(a.dtype, jnp.integer) else jnp.zeros_like(a), q)
