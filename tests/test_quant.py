@@ -130,11 +130,24 @@ def test_quantized_run_trains_restores_and_refuses_what_it_cannot_do(qqp_script,
     test = load_qqp(data_dir)["test"].sample(32)
     predicted = flaxlora.restore(out).predict(test.question1, test.question2)
     assert np.mean(predicted == test.labels) == pytest.approx(results["accuracy"], abs=1.5 / 32)
+    # The merged export folds the adapter into the decoded base, the weights the run trained on.
+    from flaxlora.interop.export import export
+    from flaxlora.loading import load_pretrained
+
+    export(out, tmp_path / "merged", "merged")
+    merged = load_pretrained(tmp_path / "merged")
+    pairs = merged.tokenizer(test.question1[:4], test.question2[:4], padding="max_length", truncation=True,
+                             max_length=32, return_tensors="np")
+    logits = merged.model.apply({"params": merged.params}, pairs["input_ids"], pairs["attention_mask"],
+                                pairs["token_type_ids"])
+    np.testing.assert_allclose(logits, flaxlora.restore(out).logits(test.question1[:4], test.question2[:4]),
+                               atol=1e-4)
     for extra, message in ((["--quantize", "gguf"], "not a GGUF model"),
                            (["--quantize", "nf4", "--preset", "full"], "full fine-tuning freezes none"),
                            (["--quantize", "nf4", "--lora-path", "merged"], "factored")):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as err:
             qqp_script.main(flags(tmp_path / "bad", *extra))
+        assert message in str(err.value) and "\n" not in str(err.value)
         assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
