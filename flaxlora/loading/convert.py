@@ -89,13 +89,6 @@ def _placed(source: TensorSource, name: str, transpose: bool, shape: tuple[int, 
 FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF tensors stored unquantized: loaded as floats
 
 
-def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-    """Where a quantized weight goes: the same device, or replicated over the same mesh."""
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    return sharding
-
-
 def params_from_hf(
     model: nn.Module,
     source: TensorSource | Mapping[str, Any] | Iterable[tuple[str, Any]],
@@ -118,7 +111,8 @@ def params_from_hf(
         the slices its devices hold. Default: every param whole on the first local device.
       quantize: ``(params path, shape) -> scheme or None``: store that weight quantized
         (:mod:`flaxlora.quant`), each right after it is read, so the float model is never held;
-        ``"gguf"`` keeps a GGUF tensor's blocks as stored. Quantized weights are replicated.
+        ``"gguf"`` keeps a GGUF tensor's blocks as stored. Codes and scales are sharded along the
+        mesh axes of the weight's dimensions.
 
     Returns:
       (params of plain arrays, paths initialised randomly, checkpoint names not used).
@@ -156,10 +150,13 @@ def params_from_hf(
         scheme = quantize("/".join(path), shape) if quantize else None
         blocks = source.read_blocks(name) if scheme == "gguf" else None
         if blocks and blocks[0] not in FLOAT_TYPES:
-            params[path] = jax.device_put(from_gguf_blocks(blocks[1], blocks[0], shape), _replicated(placement[path]))
+            q = from_gguf_blocks(blocks[1], blocks[0], shape)  # host arrays, placed shard by shard
+            params[path] = jax.device_put(q, q.replace(data=q.data_shardings(placement[path])))
         elif scheme and scheme != "gguf":
             w = _placed(source, name, path[-1] == "kernel", shape, placement[path], param_dtype)
-            params[path] = jax.jit(quantize_weight, static_argnums=1, out_shardings=_replicated(placement[path]))(w, scheme)
+            abstract = jax.eval_shape(functools.partial(quantize_weight, scheme=scheme), w)
+            params[path] = jax.jit(quantize_weight, static_argnums=1, out_shardings=abstract.replace(
+                data=abstract.data_shardings(placement[path])))(w, scheme)
         else:
             params[path] = _placed(source, name, path[-1] == "kernel", shape, placement[path], param_dtype)
     missing = sorted(set(shapes) - set(params))

@@ -73,6 +73,30 @@ class QuantizedArray(struct.PyTreeNode):
     def astype(self, dtype) -> jax.Array:
         return dequantize_weight(self).astype(dtype)
 
+    def data_shardings(self, weight: jax.sharding.Sharding) -> dict[str, jax.sharding.Sharding]:
+        """Where each of the codes and scales goes for a weight that would be placed with
+        ``weight``: split along the same mesh axes as the weight's (in, out) dimensions (an axis
+        that does not divide a dimension is dropped there); second-level scales replicated."""
+        if not isinstance(weight, jax.sharding.NamedSharding):
+            return dict.fromkeys(self.data, weight)
+        mesh, (axis_in, axis_out) = weight.mesh, (*tuple(weight.spec), None, None)[:2]
+        roles = {"in": axis_in, "out": axis_out, None: None}
+
+        def place(leaf: jax.Array, dims: tuple[str | None, ...]) -> jax.sharding.NamedSharding:
+            axes = []
+            for size, dim in zip(leaf.shape, (*dims, *(None,) * leaf.ndim)):
+                axis = roles[dim]
+                names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+                axes.append(axis if names and size % math.prod(mesh.shape[n] for n in names) == 0 else None)
+            return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
+
+        return {k: place(v, _LAYOUTS.get(k, ())) for k, v in self.data.items()}
+
+
+# The (in, out) dimension each axis of a code or scale array runs along (for its sharding).
+_LAYOUTS = {"codes": ("in", "out"), "absmax": ("in", "out"), "scale": ("out",),
+            "d": ("out", "in"), "m": ("out", "in"), "qs": ("out", "in", None)}
+
 
 def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedArray)
