@@ -9,10 +9,13 @@ compared with the model's size on disk:
     python experiments/bench_memory.py --make-model runs/llama-2.6g   # random fp32 safetensors, 2.6 GB
     python experiments/bench_memory.py --model runs/llama-2.6g --layouts 1x8 2x4 --mesh fsdp=8 \
         --json experiments/results/memory.json
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/bench_memory.py \
+        --model runs/llama-2.6g --step-temporaries --remat none     # XLA's temporaries of one step
 
 The targets printed are those of the scale-out issue: one 8-device process under the model's
 size + 2 GB, each of 2 four-device processes under half of it + 2 GB (with the mesh sharding
-every large weight over all devices).
+every large weight over all devices); with ``--extra --quantize nf4`` (QLoRA), a quarter of the
+model's fp32 size + 2 GB.
 """
 
 from __future__ import annotations
@@ -78,8 +81,9 @@ def make_model(folder: Path, hidden: int, layers: int, intermediate: int, heads:
     return model_bytes(folder)
 
 
-def model_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+def model_bytes(model: Path) -> int:
+    """Bytes of the model's weight files (a folder's safetensors, or a .gguf file)."""
+    return model.stat().st_size if model.is_file() else sum(f.stat().st_size for f in model.glob("*.safetensors"))
 
 
 def free_port() -> int:
@@ -122,6 +126,33 @@ def run_layout(model: Path, processes: int, devices: int, args: argparse.Namespa
             "train_tokens_per_s": results["train_tokens_per_s"], "final_loss": results["splits"]["validation"]["loss"]}
 
 
+def step_temporaries(model: Path, mesh_spec: str, remat: str, quantize: str | None, batch: int, seq_len: int) -> dict:
+    """XLA's own account of one compiled train step on this process's devices (``memory_analysis``):
+    the temporaries per device beyond arguments and outputs (run with the XLA_FLAGS device count)."""
+    import jax
+    import numpy as np
+
+    from flaxlora import training
+    from flaxlora.loading import load_pretrained
+    from flaxlora.lora.optim import lora_optimizer
+    from flaxlora.qqp.config import PRESETS
+    from flaxlora.training import sharding
+
+    mesh = sharding.make_mesh(mesh_spec)
+    run = PRESETS["lora"]
+    pretrained = load_pretrained(model, mesh=mesh, remat=remat, quantize=quantize, quantize_skip=run.lora.trainable)
+    tx = lora_optimizer(1e-4)
+    state, frozen = training.init_train_state(pretrained.params, run.lora, tx, jax.random.key(0), mesh)
+    step, _ = training.jit_train_step(training.logits_fn(pretrained.model, run.lora), tx, mesh, state, frozen)
+    rows = {"input_ids": np.ones((batch, seq_len), np.int32), "attention_mask": np.ones((batch, seq_len), np.int32),
+            "token_type_ids": np.zeros((batch, seq_len), np.int32), "labels": np.zeros(batch, np.int32),
+            "weights": np.ones(batch, np.float32)}
+    analysis = step.lower(state, frozen, sharding.global_batch(rows, mesh)).compile().memory_analysis()
+    return {"mesh": mesh_spec, "remat": remat, "quantize": quantize, "devices": jax.device_count(),
+            "temp_GiB_per_device": round(analysis.temp_size_in_bytes / GIB, 3),
+            "arguments_GiB_per_device": round(analysis.argument_size_in_bytes / GIB, 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--make-model", type=Path, help="write a random Llama model here and exit")
@@ -130,7 +161,7 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=5632)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--model", type=Path, help="a Hugging Face folder (safetensors) to train on")
+    p.add_argument("--model", type=Path, help="a Hugging Face folder (fp32 safetensors) or .gguf file to train on")
     p.add_argument("--layouts", nargs="+", default=["1x8", "2x4"], help="PROCESSESxDEVICES, e.g. 1x8 2x4")
     p.add_argument("--mesh", default="fsdp=8")
     p.add_argument("--preset", default="lora")
@@ -141,6 +172,9 @@ def main() -> None:
     p.add_argument("--remat", default="auto", choices=("auto", "none", "block", "full"))
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more experiments/qqp.py flags (last)")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--step-temporaries", action="store_true",
+                   help="instead: compile one train step in this process (--mesh, --remat, --extra --quantize S) and "
+                        "print XLA's temporaries per device")
     args = p.parse_args()
     if args.make_model:
         size = make_model(args.make_model, args.hidden, args.layers, args.intermediate, args.heads, args.kv_heads)
@@ -148,6 +182,11 @@ def main() -> None:
         return
     if args.model is None:
         p.error("give --model FOLDER (make one with --make-model FOLDER)")
+    if args.step_temporaries:
+        quantize = args.extra[args.extra.index("--quantize") + 1] if "--quantize" in args.extra else None
+        remat = "full" if args.remat == "auto" and "fsdp" in args.mesh else "none" if args.remat == "auto" else args.remat
+        print(json.dumps(step_temporaries(args.model, args.mesh, remat, quantize, args.batch_size, args.seq_len)))
+        return
     size = model_bytes(args.model) / GIB
     report = {"model": str(args.model), "model_GiB": round(size, 2), "mesh": args.mesh, "preset": args.preset,
               "param_dtype": args.param_dtype, "remat": args.remat, "steps": args.steps,
@@ -156,7 +195,9 @@ def main() -> None:
         for layout in args.layouts:
             processes, devices = map(int, layout.split("x"))
             run = run_layout(args.model, processes, devices, args, Path(tmp) / layout)
-            run["target_GiB"] = round(size / processes + 2e9 / GIB, 2)  # the model's share per process + 2 GB
+            # The model's share per process + 2 GB; with a 4-bit base (QLoRA issue) a quarter of it + 2 GB.
+            share = size / 4 if "--quantize" in args.extra else size / processes
+            run["target_GiB"] = round(share + 2e9 / GIB, 2)
             run["within_target"] = max(run["peak_rss_GiB"]) < run["target_GiB"]
             report["runs"].append(run)
             print(json.dumps(run), flush=True)

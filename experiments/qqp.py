@@ -82,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (LoRA and optimizer stay float32)")
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"),
                    help="storage dtype of the frozen weights (bfloat16 halves them; LoRA and optimizer stay float32)")
+    p.add_argument("--quantize", choices=("nf4", "nf4-dq", "int8", "gguf"),
+                   help="QLoRA: frozen kernels stored quantized (nf4-dq: NF4 with double-quantized scales; gguf: "
+                        "a GGUF model's own Q4_0/Q4_1/Q8_0 blocks); LoRA, extras and optimizer stay float32")
     p.add_argument("--remat", choices=("auto", "none", "block", "full"),
                    help="activation checkpointing per layer: block keeps its weight matmuls' outputs, full only its "
                         "input; auto (default): full where the mesh has fsdp > 1, else none")

@@ -6,6 +6,7 @@
     data/       text pairs -> token ids -> static-shape batches
     training/   the jitted sharded train step, evaluation, metrics, checkpoints (task-agnostic)
     interop/    PEFT adapters both ways, merged Hugging Face export, ``python -m flaxlora.export``
+    quant/      QLoRA: frozen weights as NF4 / int8 / GGUF blocks, Dense layers computing on them
     qqp/        the QQP application: data, run config and presets, run loop, predictor, baselines
 """
 
@@ -33,6 +34,7 @@ from flaxlora.lora import (
     unmerge,
 )
 from flaxlora.qqp.data import load_qqp
+from flaxlora.quant import QuantizedArray, dequantize, quantize
 from flaxlora.training import confusion_counts, evaluate, metrics_from_counts
 
 __version__ = "0.1.0"
@@ -62,12 +64,14 @@ __all__ = [
     "LoraConfig",
     "ParamSummary",
     "Pretrained",
+    "QuantizedArray",
     "TrainIterator",
     "adapter_labels",
     "apply_factored",
     "apply_lora",
     "confusion_counts",
     "default_buckets",
+    "dequantize",
     "encode_pairs",
     "eval_batches",
     "evaluate",
@@ -85,6 +89,7 @@ __all__ = [
     "merge",
     "merge_pretrained",
     "metrics_from_counts",
+    "quantize",
     "resolve_targets",
     "restore",
     "save_merged",

@@ -25,9 +25,14 @@ def path_str(key_path: tuple[Any, ...]) -> str:
     return jax.tree_util.keystr(key_path, simple=True, separator="/")
 
 
+def is_weight(x: Any) -> bool:
+    """A quantized weight (:class:`flaxlora.quant.QuantizedArray`) is one leaf here, not its codes."""
+    return getattr(x, "is_quantized_weight", False) is True
+
+
 def flatten(tree: PyTree) -> dict[str, Any]:
-    """``{path: leaf}`` for every leaf of ``tree``, in tree order."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    """``{path: leaf}`` for every leaf of ``tree`` (a quantized weight is one leaf), in tree order."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_weight)
     return {path_str(p): leaf for p, leaf in leaves}
 
 
@@ -38,7 +43,7 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 def replace(tree: PyTree, flat: Mapping[str, Any]) -> PyTree:
     """``tree`` with the leaves named in ``flat`` replaced; structure and other leaves unchanged."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: flat.get(path_str(p), x), tree)
+    return jax.tree_util.tree_map_with_path(lambda p, x: flat.get(path_str(p), x), tree, is_leaf=is_weight)
 
 
 def select(tree: PyTree, paths: Iterable[str]) -> dict[str, Any]:

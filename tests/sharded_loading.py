@@ -84,3 +84,29 @@ print(json.dumps({
     "same_as_one_device": all(np.allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), atol=1e-5)
                               for x, y in zip(jax.tree.leaves((state, frozen)), jax.tree.leaves((one_state, one_frozen)))),
 }))
+
+# QLoRA on the mesh (int8 here: the tiny widths are no multiple of NF4's blocks): codes and scales
+# sharded along the mesh axes of their weight's dimensions; the forward equals one device's.
+qlora = config.replace(init="lora")
+quantized = load_pretrained(folder, mesh=mesh, quantize="int8", quantize_skip=qlora.trainable)
+single = load_pretrained(folder, quantize="int8", quantize_skip=qlora.trainable)
+q_state, q_frozen = training.init_train_state(quantized.params, qlora, tx, jax.random.key(1), mesh)
+s_state, s_frozen = training.init_train_state(single.params, qlora, tx, jax.random.key(1))
+kernel = pytree.flatten(q_frozen)["bert/encoder/layer/1/intermediate/dense/kernel"]
+ids = np.arange(2, 66).reshape(8, 8) % 60 + 2
+batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": None}
+forward = jax.jit(lambda f, t: training.logits_fn(quantized.model, qlora)(f, t, batch))
+weight = jax.random.normal(jax.random.key(3), (256, 64))
+placed = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor"))
+nf4 = jax.eval_shape(lambda w: flaxlora.quant.quantize_weight(w, "nf4"), weight)
+nf4_sharded = jax.jit(lambda w: flaxlora.quant.quantize_weight(w, "nf4"), out_shardings=nf4.replace(
+    data=nf4.data_shardings(placed)))(jax.device_put(weight, placed))
+print(json.dumps({
+    "nf4_codes_split": all(not x.sharding.is_fully_replicated for x in nf4_sharded.data.values()),
+    "nf4_decodes_alike": bool(np.array_equal(flaxlora.quant.dequantize_weight(nf4_sharded),
+                                             flaxlora.quant.dequantize_weight(flaxlora.quant.quantize_weight(weight, "nf4")))),
+    "quantized_codes_sharded": kernel.data["codes"].sharding.spec == expected_shardings[
+        "bert/encoder/layer/1/intermediate/dense/kernel"].spec,
+    "quantized_logits_close": bool(np.allclose(forward(q_frozen, q_state.trainable), forward(s_frozen, s_state.trainable),
+                                               atol=1e-5)),
+}))

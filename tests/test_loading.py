@@ -273,13 +273,16 @@ def test_provenance_hashes_config_and_weights_with_a_cache(tmp_path, monkeypatch
 def test_weights_load_straight_into_their_shards(tmp_path):
     """On 8 devices (fsdp=4, tensor=2), in bfloat16: each distinct shard is read from the file once
     and never a whole tensor the mesh splits; values, dtypes and shardings as the logical axes say;
-    adapter init under the mesh puts residuals, extras and their Adam moments where their weights are."""
+    adapter init under the mesh puts residuals, extras and their Adam moments where their weights are;
+    quantized codes and scales are sharded like their weights and compute what one device computes."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     script = Path(__file__).with_name("sharded_loading.py")
     out = subprocess.run([sys.executable, str(script), str(tmp_path / "tiny")], env=env, capture_output=True,
                          text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result, quantized = map(json.loads, out.stdout.strip().splitlines()[-2:])
+    assert quantized == {"nf4_codes_split": True, "nf4_decodes_alike": True, "quantized_codes_sharded": True,
+                         "quantized_logits_close": True}
     assert result["devices"] == 8 and result["dtypes"] == ["bfloat16"] and result["split_params"] > 20
     assert result["elements_read"] == result["elements_of_distinct_shards"] == result["elements_in_file"]
     for check in ("values_equal", "shardings_as_logical_axes", "residuals_sharded_like_weights",

@@ -12,10 +12,11 @@ from flaxlora.loading.hf_folder import HFFolder
 from flaxlora.loading.pretrained import (
     Pretrained,
     base_provenance,
+    is_gguf,
     load_config,
     load_pretrained,
 )
 from flaxlora.loading.registry import known_models
 
-__all__ = ["GGUFFile", "HFFolder", "Pretrained", "base_provenance", "known_models", "load_config", "load_pretrained",
+__all__ = ["GGUFFile", "HFFolder", "Pretrained", "base_provenance", "is_gguf", "known_models", "load_config", "load_pretrained",
            "params_from_hf", "to_hf"]

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -18,6 +18,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flaxlora.models import init_params
+from flaxlora.quant.arrays import from_gguf_blocks, quantize_weight
 
 Path = tuple[str, ...]
 
@@ -85,6 +86,9 @@ def _placed(source: TensorSource, name: str, transpose: bool, shape: tuple[int, 
     return jax.make_array_from_callback(shape, sharding, shard)
 
 
+FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF tensors stored unquantized: loaded as floats
+
+
 def params_from_hf(
     model: nn.Module,
     source: TensorSource | Mapping[str, Any] | Iterable[tuple[str, Any]],
@@ -92,6 +96,7 @@ def params_from_hf(
     seed: int = 0,
     param_dtype: Any = jnp.float32,
     shardings: Any = None,
+    quantize: Callable[[str, tuple[int, ...]], str | None] | None = None,
 ) -> tuple[Any, tuple[str, ...], tuple[str, ...]]:
     """Params for `model` from checkpoint tensors in Hugging Face PyTorch names and layout.
 
@@ -104,6 +109,10 @@ def params_from_hf(
       shardings: a tree like the params of `jax.sharding.Sharding` (e.g. from
         :func:`flaxlora.training.sharding.param_shardings`): each process reads and places only
         the slices its devices hold. Default: every param whole on the first local device.
+      quantize: ``(params path, shape) -> scheme or None``: store that weight quantized
+        (:mod:`flaxlora.quant`), each right after it is read, so the float model is never held;
+        ``"gguf"`` keeps a GGUF tensor's blocks as stored. Codes and scales are sharded along the
+        mesh axes of the weight's dimensions.
 
     Returns:
       (params of plain arrays, paths initialised randomly, checkpoint names not used).
@@ -135,8 +144,21 @@ def params_from_hf(
                 f"has {tuple(ours)} (in our (in, out) layout), the model expects {expected}."
             )
         found[path] = name
-    params = {path: _placed(source, name, path[-1] == "kernel", tuple(shapes[path].shape), placement[path], param_dtype)
-              for path, name in found.items()}
+    params = {}
+    for path, name in found.items():
+        shape = tuple(shapes[path].shape)
+        scheme = quantize("/".join(path), shape) if quantize else None
+        blocks = source.read_blocks(name) if scheme == "gguf" else None
+        if blocks and blocks[0] not in FLOAT_TYPES:
+            q = from_gguf_blocks(blocks[1], blocks[0], shape)  # host arrays, placed shard by shard
+            params[path] = jax.device_put(q, q.replace(data=q.data_shardings(placement[path])))
+        elif scheme and scheme != "gguf":
+            w = _placed(source, name, path[-1] == "kernel", shape, placement[path], param_dtype)
+            abstract = jax.eval_shape(functools.partial(quantize_weight, scheme=scheme), w)
+            params[path] = jax.jit(quantize_weight, static_argnums=1, out_shardings=abstract.replace(
+                data=abstract.data_shardings(placement[path])))(w, scheme)
+        else:
+            params[path] = _placed(source, name, path[-1] == "kernel", shape, placement[path], param_dtype)
     missing = sorted(set(shapes) - set(params))
     if missing:
         fresh = jax.jit(lambda r: [flatten_dict(init_params(model, r))[p].astype(param_dtype) for p in missing],

@@ -117,6 +117,16 @@ class GGUFFile:
         """{HF name: shape in HF (out, in) layout}, from the file's tensor infos alone."""
         return {name: tuple(int(n) for n in reversed(t.shape)) for name, t in self._index.items()}
 
+    def read_blocks(self, name: str) -> tuple[str, np.ndarray]:
+        """(GGML type name, the tensor's raw rows as stored: (out, bytes) uint8, in Hugging Face row
+        order) of a 2-D tensor, for keeping its quantized blocks as they are."""
+        t = self._index[name]
+        order = np.arange(self.shapes()[name][0])
+        projection = name.rsplit(".", 2)[-2]
+        if projection in self._heads:
+            order = unpermute_rows(order, self._heads[projection])
+        return t.tensor_type.name, np.asarray(t.data)[order].view(np.uint8)
+
     def read(self, name: str, index: Index = ()) -> np.ndarray:
         """``tensor[index]`` in HF layout, float32: only the rows of the slice are read and
         dequantised (blocks run along the rows); q/k rows are put back in Hugging Face's order."""

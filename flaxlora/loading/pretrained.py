@@ -29,6 +29,7 @@ from flaxlora.models import (
     text_to_text_classifier,
 )
 from flaxlora.models.auto import Config
+from flaxlora.quant.tree import OPTIONS, quantizable
 from flaxlora.training.sharding import param_shardings
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,32 @@ def _t5_complete(source: HFFolder, missing: tuple[str, ...]) -> None:
                          "the decoder and the shared embedding.")
 
 
+def _quantizer(scheme: str | None, skip: str | None, source: HFFolder | GGUFFile):
+    """``(path, shape) -> scheme or None`` for :func:`~flaxlora.loading.convert.params_from_hf`."""
+    if scheme is None:
+        return None
+    if scheme == "gguf" and not isinstance(source, GGUFFile):
+        raise ValueError(f"quantize='gguf' keeps a GGUF file's blocks: {source.folder} is not a GGUF model; "
+                         "use nf4, nf4-dq or int8")
+    if scheme not in OPTIONS:
+        raise ValueError(f"unknown quantization {scheme!r}; choose from {', '.join(OPTIONS)}")
+
+    def pick(path: str, shape: tuple[int, ...]) -> str | None:
+        if skip and re.search(skip, path):
+            return None
+        return scheme if quantizable(path, shape, "int8" if scheme == "gguf" else scheme) else None
+
+    return pick
+
+
 def base_provenance(name_or_path: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
     """Source, folder, hub revision and content hash of a model (see :mod:`flaxlora.loading.provenance`)."""
     return provenance(os.fspath(name_or_path), _locate(name_or_path, revision))
+
+
+def is_gguf(name_or_path: str | os.PathLike) -> bool:
+    """Whether the model is a GGUF file (its weights are llama.cpp blocks)."""
+    return isinstance(_open(name_or_path), GGUFFile)
 
 
 def load_config(name_or_path: str | os.PathLike, num_labels: int = 2) -> Config:
@@ -132,6 +156,8 @@ def load_pretrained(
     revision: str | None = None,
     mesh: Mesh | None = None,
     remat: str = "none",
+    quantize: str | None = None,
+    quantize_skip: str | None = None,
 ) -> Pretrained:
     """Loads a pretrained backbone with a sequence-classification head.
 
@@ -151,6 +177,9 @@ def load_pretrained(
         its devices hold. Default: the whole model on the first local device.
       remat: activation checkpointing of each layer in training, "none" | "block" | "full"
         (:data:`flaxlora.models.layers.REMAT_POLICIES`).
+      quantize: store every 2-D kernel quantized (QLoRA; :mod:`flaxlora.quant`), each as it is read:
+        ``"nf4"``, ``"nf4-dq"``, ``"int8"``, or ``"gguf"`` (a GGUF file's Q4_0/Q4_1/Q8_0 blocks as
+        stored); ``quantize_skip``: a regex of params paths kept in float (what is trained in full).
 
     Raises:
       FileNotFoundError: no such model, or a folder lacks config.json / weights.
@@ -169,7 +198,7 @@ def load_pretrained(
         model = sequence_classifier(config, dtype=dtype, param_dtype=param_dtype)
     shardings = None if mesh is None else param_shardings(model, mesh)
     params, missing, unused = params_from_hf(model, source, seed=seed, param_dtype=param_dtype,
-                                             shardings=shardings)
+                                             shardings=shardings, quantize=_quantizer(quantize, quantize_skip, source))
     if isinstance(config, T5Config):
         _t5_complete(source, missing)
     if missing:

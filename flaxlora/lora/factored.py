@@ -20,6 +20,7 @@ from flaxlora.lora import variants
 from flaxlora.lora.adapters import adapters_by_path, path_key
 from flaxlora.lora.config import LoraConfig, first_match
 from flaxlora.pytree import PyTree
+from flaxlora.quant.dense import quantized_dense
 
 
 def _by_module_path(adapters: dict[str, Any]) -> dict[str, tuple[str, Any]]:
@@ -105,12 +106,14 @@ def apply_factored(
     lora_rng: jax.Array | None = None,
     **kwargs: Any,
 ) -> Any:
-    """``module.apply(variables, *args, **kwargs)`` with the adapter applied on the factored path.
+    """``module.apply(variables, *args, **kwargs)`` with the adapter applied on the factored path;
+    Dense layers with a quantized kernel (:mod:`flaxlora.quant`) compute on it.
 
     Raises ValueError if some adapter was never reached (e.g. a target that is not a Dense kernel,
     such as an embedding table: use :func:`flaxlora.apply_lora` for those).
     """
-    with lora_interceptor(lora_params, config, rng=lora_rng) as applied:
+    # LoRA's interceptor first: its call of the layer reaches the quantized one (QLoRA's x @ deq(W)).
+    with lora_interceptor(lora_params, config, rng=lora_rng) as applied, quantized_dense():
         out = module.apply(variables, *args, **kwargs)
     unreached = set(_by_module_path(adapters_by_path(lora_params))) - applied
     if unreached:

@@ -10,8 +10,10 @@ import jax.numpy as jnp
 
 from flaxlora.data.batching import check_buckets
 from flaxlora.lora.config import LoraConfig
+from flaxlora.lora.variants import RESIDUAL_INITS
 from flaxlora.models.layers import REMAT_POLICIES
 from flaxlora.qqp.data import LABEL_WORDS
+from flaxlora.quant.tree import OPTIONS as QUANTIZE_OPTIONS
 from flaxlora.training.step import check_decay, check_lora_path
 
 MAX_STEPS = 2**31 - 1  # the step counter is int32
@@ -87,6 +89,7 @@ class RunConfig:
     dcn_mesh: str | None = None  # axes across TPU slices (or processes), e.g. "data=2"; mesh is then per slice
     dtype: str = "float32"  # compute dtype; LoRA params and optimizer state stay float32
     param_dtype: str = "float32"  # storage dtype of the frozen weights (bfloat16 halves their memory)
+    quantize: str | None = None  # QLoRA: frozen kernels in nf4 | nf4-dq | int8 | gguf (a GGUF file's own blocks)
     # Activation checkpointing per layer, "none" | "block" | "full" (REMAT_POLICIES), or "auto": "full"
     # where the mesh shards weights over fsdp (no layer's gathered weights kept for the backward pass).
     remat: str = "auto"
@@ -130,6 +133,19 @@ class RunConfig:
             check_buckets(self.buckets, self.max_length)
         check_decay(self.decay)
         check_lora_path(self.lora_path, self.lora)
+        if self.quantize is not None:
+            self._check_quantize()
+
+    def _check_quantize(self) -> None:
+        if self.quantize not in QUANTIZE_OPTIONS:
+            raise ValueError(f"quantize must be one of {QUANTIZE_OPTIONS}, got {self.quantize!r}")
+        if self.lora.targets is None:
+            raise ValueError("--quantize stores the frozen weights quantized: full fine-tuning freezes none")
+        if self.lora.init in RESIDUAL_INITS:
+            raise ValueError(f"--quantize with init {self.lora.init!r}: the residual W - s*a@b of a quantized W is "
+                             "LoftQ's problem, not solved here; use init lora or gaussian")
+        if self.lora_path != "factored":
+            raise ValueError("--quantize runs on --lora-path factored (x @ deq(W) + s (x@a)@b, one weight at a time)")
 
     @property
     def label_words(self) -> tuple[str, ...] | None:

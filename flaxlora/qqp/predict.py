@@ -28,6 +28,7 @@ from flaxlora.loading import Pretrained, base_provenance, load_pretrained
 from flaxlora.loading.provenance import check_same_base
 from flaxlora.lora.adapters import merge_pretrained
 from flaxlora.qqp.config import DTYPES, RunConfig
+from flaxlora.quant.tree import dequantize
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
 
 # The longest pair a restored T5 classifier scores without truncation.
@@ -74,7 +75,8 @@ class Predictor:
 def load_base(meta: dict[str, Any]) -> tuple[RunConfig, Pretrained]:
     """The run configuration saved in checkpoint ``meta`` and its base model, rebuilt from the same
     source and hub revision in the run's compute dtype, its weights as the run held them (rounded
-    to its ``param_dtype``) but stored in float32, so that merging an adapter into them is exact.
+    to its ``param_dtype``, quantized as it quantized them) but stored in float32, so that merging
+    an adapter into them is exact.
 
     Raises ValueError if the base's content hash differs from the one the run recorded."""
     run = RunConfig.from_dict(meta["run"])
@@ -82,8 +84,9 @@ def load_base(meta: dict[str, Any]) -> tuple[RunConfig, Pretrained]:
     base = base_provenance(run.model, (saved or {}).get("revision"))
     check_same_base(saved, base)
     pretrained = load_pretrained(run.model, num_labels=2, label_words=run.label_words, dtype=DTYPES[run.dtype],
-                                 param_dtype=DTYPES[run.param_dtype], seed=run.seed, revision=base["revision"])
-    params = jax.tree.map(lambda x: x.astype(jnp.float32), pretrained.params)
+                                 param_dtype=DTYPES[run.param_dtype], seed=run.seed, revision=base["revision"],
+                                 quantize=run.quantize, quantize_skip=run.lora.trainable)
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), dequantize(pretrained.params))
     return run, dataclasses.replace(pretrained, params=params)
 
 

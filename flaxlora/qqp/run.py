@@ -33,7 +33,7 @@ from flaxlora.data.batching import (
     prefetch,
 )
 from flaxlora.data.tokenize import encode_pairs, pair_format_for
-from flaxlora.loading import base_provenance, load_config, load_pretrained
+from flaxlora.loading import base_provenance, is_gguf, load_config, load_pretrained
 from flaxlora.loading.provenance import check_same_base
 from flaxlora.lora.optim import lora_optimizer
 from flaxlora.lora.rank_allocation import allocate
@@ -103,7 +103,11 @@ def remat_for(run: RunConfig, mesh: jax.sharding.Mesh) -> str:
 
 
 def check_model(run: RunConfig) -> None:
-    """ValueError unless ``--max-length`` fits the model's positions (read from its config alone)."""
+    """ValueError unless ``--max-length`` fits the model's positions (read from its config alone) and
+    ``--quantize gguf`` has a GGUF model."""
+    if run.quantize == "gguf" and not is_gguf(run.model):
+        raise ValueError(f"--quantize gguf keeps a GGUF file's own blocks: {run.model} is not a GGUF model; "
+                         "use --quantize nf4, nf4-dq or int8")
     limit = getattr(load_config(run.model), "max_sequence_length", None)
     if limit is not None and run.max_length > limit:
         raise ValueError(f"--max-length {run.max_length} exceeds the {limit} positions of {run.model}; "
@@ -187,7 +191,8 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     log.info("%s\n%s", data.source, data.report.summary())
     pretrained = load_pretrained(run.model, num_labels=2, label_words=run.label_words, dtype=DTYPES[run.dtype],
                                  param_dtype=DTYPES[run.param_dtype], seed=run.seed, revision=base["revision"],
-                                 mesh=mesh, remat=remat_for(run, mesh))  # each process reads only its devices' slices
+                                 mesh=mesh, remat=remat_for(run, mesh), quantize=run.quantize,
+                                 quantize_skip=run.lora.trainable)  # each process reads only its devices' slices
     buckets = run.buckets or default_buckets(run.max_length)
     splits = labelled_splits(data, run.eval_examples)
     encoded = {name: encode_split(s, pretrained, run) for name, s in splits.items()}

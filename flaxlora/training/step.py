@@ -26,6 +26,7 @@ from flaxlora.lora.factored import apply_factored
 from flaxlora.lora.targets import resolve_targets, trainable_paths
 from flaxlora.lora.variants import RESIDUAL_INITS
 from flaxlora.pytree import PyTree
+from flaxlora.quant.dense import quantized_dense
 from flaxlora.training import sharding
 from flaxlora.training.metrics import weighted_cross_entropy
 
@@ -151,7 +152,8 @@ def logits_fn(model: nn.Module, config: LoraConfig, lora_path: str = "factored")
         kwargs = dict(deterministic=deterministic, rngs={} if deterministic else {"dropout": model_rng})
         base = with_extras(frozen, trainable["extras"])
         if lora_path == "merged":
-            return model.apply({"params": apply_lora(base, trainable["lora"], config)}, *args, **kwargs)
+            with quantized_dense():  # a quantized frozen kernel that is no target: x @ deq(W)
+                return model.apply({"params": apply_lora(base, trainable["lora"], config)}, *args, **kwargs)
         return apply_factored(model, {"params": base}, trainable["lora"], config, *args, lora_rng=lora_rng, **kwargs)
 
     return apply
