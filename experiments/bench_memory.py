@@ -136,10 +136,12 @@ def step_temporaries(model: Path, mesh_spec: str, remat: str, quantize: str | No
     from flaxlora.loading import load_pretrained
     from flaxlora.lora.optim import lora_optimizer
     from flaxlora.qqp.config import PRESETS
+    from flaxlora.qqp.run import remat_for
     from flaxlora.training import sharding
 
     mesh = sharding.make_mesh(mesh_spec)
-    run = PRESETS["lora"]
+    run = PRESETS["lora"].replace(remat=remat)
+    remat = remat_for(run, mesh)  # "auto" resolved as a run resolves it
     pretrained = load_pretrained(model, mesh=mesh, remat=remat, quantize=quantize, quantize_skip=run.lora.trainable)
     tx = lora_optimizer(1e-4)
     state, frozen = training.init_train_state(pretrained.params, run.lora, tx, jax.random.key(0), mesh)
@@ -184,8 +186,7 @@ def main() -> None:
         p.error("give --model FOLDER (make one with --make-model FOLDER)")
     if args.step_temporaries:
         quantize = args.extra[args.extra.index("--quantize") + 1] if "--quantize" in args.extra else None
-        remat = "full" if args.remat == "auto" and "fsdp" in args.mesh else "none" if args.remat == "auto" else args.remat
-        print(json.dumps(step_temporaries(args.model, args.mesh, remat, quantize, args.batch_size, args.seq_len)))
+        print(json.dumps(step_temporaries(args.model, args.mesh, args.remat, quantize, args.batch_size, args.seq_len)))
         return
     size = model_bytes(args.model) / GIB
     report = {"model": str(args.model), "model_GiB": round(size, 2), "mesh": args.mesh, "preset": args.preset,

@@ -152,13 +152,13 @@ def params_from_hf(
         if blocks and blocks[0] not in FLOAT_TYPES:
             q = from_gguf_blocks(blocks[1], blocks[0], shape)  # host arrays, placed shard by shard
             params[path] = jax.device_put(q, q.replace(data=q.data_shardings(placement[path])))
-        elif scheme and scheme != "gguf":
-            w = _placed(source, name, path[-1] == "kernel", shape, placement[path], param_dtype)
+            continue
+        w = _placed(source, name, path[-1] == "kernel", shape, placement[path], param_dtype)
+        if scheme and scheme != "gguf":  # quantized right away: the float weight is dropped
             abstract = jax.eval_shape(functools.partial(quantize_weight, scheme=scheme), w)
-            params[path] = jax.jit(quantize_weight, static_argnums=1, out_shardings=abstract.replace(
+            w = jax.jit(quantize_weight, static_argnums=1, out_shardings=abstract.replace(
                 data=abstract.data_shardings(placement[path])))(w, scheme)
-        else:
-            params[path] = _placed(source, name, path[-1] == "kernel", shape, placement[path], param_dtype)
+        params[path] = w
     missing = sorted(set(shapes) - set(params))
     if missing:
         fresh = jax.jit(lambda r: [flatten_dict(init_params(model, r))[p].astype(param_dtype) for p in missing],

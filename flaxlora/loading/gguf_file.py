@@ -117,15 +117,17 @@ class GGUFFile:
         """{HF name: shape in HF (out, in) layout}, from the file's tensor infos alone."""
         return {name: tuple(int(n) for n in reversed(t.shape)) for name, t in self._index.items()}
 
+    def _row_order(self, name: str) -> np.ndarray:
+        """The file's row of each Hugging Face row of 2-D tensor ``name`` (q/k rows are permuted)."""
+        order = np.arange(self.shapes()[name][0])
+        projection = name.rsplit(".", 2)[-2]
+        return unpermute_rows(order, self._heads[projection]) if projection in self._heads else order
+
     def read_blocks(self, name: str) -> tuple[str, np.ndarray]:
         """(GGML type name, the tensor's raw rows as stored: (out, bytes) uint8, in Hugging Face row
         order) of a 2-D tensor, for keeping its quantized blocks as they are."""
         t = self._index[name]
-        order = np.arange(self.shapes()[name][0])
-        projection = name.rsplit(".", 2)[-2]
-        if projection in self._heads:
-            order = unpermute_rows(order, self._heads[projection])
-        return t.tensor_type.name, np.asarray(t.data)[order].view(np.uint8)
+        return t.tensor_type.name, np.asarray(t.data)[self._row_order(name)].view(np.uint8)
 
     def read(self, name: str, index: Index = ()) -> np.ndarray:
         """``tensor[index]`` in HF layout, float32: only the rows of the slice are read and
@@ -136,11 +138,7 @@ class GGUFFile:
         if len(shape) == 1:
             return np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(shape)[index]
         rows, cols = (*index, slice(None), slice(None))[:2]
-        order = np.arange(shape[0])
-        projection = name.rsplit(".", 2)[-2]
-        if projection in self._heads:
-            order = unpermute_rows(order, self._heads[projection])
-        picked = order[rows]
+        picked = self._row_order(name)[rows]
         w = dequantize(np.asarray(t.data[picked]), t.tensor_type).reshape(len(picked), shape[1])
         return np.asarray(w[:, cols], np.float32)
 
