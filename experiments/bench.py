@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 PRESETS = ("lora", "enhanced", "full")
+QUANTIZE_OPTIONS = ("nf4", "nf4-dq", "int8", "gguf")  # flaxlora.quant.tree.OPTIONS (this parent process imports no jax)
 TARGET_SETS = ("preset", "qv", "all")
 
 
@@ -154,7 +155,8 @@ class Ours:
         run = self.run = run_config(args)
         train_batches, eval_batch, _ = load_batches(args.data, args.batch, args.eval_batch)
         mesh = sharding.make_mesh(None)
-        pretrained = load_pretrained(args.model, dtype=DTYPES[run.dtype], mesh=mesh)
+        pretrained = load_pretrained(args.model, dtype=DTYPES[run.dtype], mesh=mesh, quantize=args.quantize,
+                                     quantize_skip=run.lora.trainable)
         model, params = pretrained.model, pretrained.params
         del pretrained
         tx = lora_optimizer(run.learning_rate, loraplus_ratio=run.loraplus_ratio, weight_decay=run.weight_decay,
@@ -482,6 +484,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=TARGET_SETS, default="preset",
                    help="adapted layers: the preset's, query/value, or every linear layer of the blocks")
     p.add_argument("--lora-path", choices=("merged", "factored"), help="our train path (default: the preset's)")
+    p.add_argument("--quantize", choices=QUANTIZE_OPTIONS,
+                   help="QLoRA: our frozen kernels quantized (e.g. --vs='--quantize nf4' for the step-time ratio)")
     p.add_argument("--peer", choices=("peft",), help="also run PEFT + PyTorch on the same configuration")
     p.add_argument("--vs", help="also run our side with these flags changed, in the same rounds, e.g. "
                                 "--vs='--preset lora' or --vs='--lora-path merged' (not --model, --batch or --seq-len: "

@@ -23,6 +23,7 @@ from flaxlora.cli import ArgumentParser
 from flaxlora.qqp.config import CLASSIFIER, HEAD, PRESETS, RunConfig
 from flaxlora.qqp.reporting import one_screen_summary
 from flaxlora.qqp.run import finetune
+from flaxlora.quant.tree import OPTIONS as QUANTIZE_OPTIONS
 from flaxlora.training.distributed import Cluster, initialize
 
 DEFAULT_PRESET = "enhanced"
@@ -82,9 +83,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (LoRA and optimizer stay float32)")
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"),
                    help="storage dtype of the frozen weights (bfloat16 halves them; LoRA and optimizer stay float32)")
-    p.add_argument("--quantize", choices=("nf4", "nf4-dq", "int8", "gguf"),
+    p.add_argument("--quantize", choices=QUANTIZE_OPTIONS,
                    help="QLoRA: frozen kernels stored quantized (nf4-dq: NF4 with double-quantized scales; gguf: "
-                        "a GGUF model's own Q4_0/Q4_1/Q8_0 blocks); LoRA, extras and optimizer stay float32")
+                        "a GGUF model's own blocks: Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K); LoRA, extras and optimizer stay "
+                        "float32")
     p.add_argument("--remat", choices=("auto", "none", "block", "full"),
                    help="activation checkpointing per layer: block keeps its weight matmuls' outputs, full only its "
                         "input; auto (default): full where the mesh has fsdp > 1, else none")

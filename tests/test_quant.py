@@ -1,6 +1,8 @@
 """QLoRA: the NF4 code book and round trip, int8, GGUF blocks decoded bit for bit like gguf's own
 dequantisation, x @ deq(W) with LoRA (and DoRA) on top, and quantized runs end to end."""
 
+import re
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ from test_models import tiny_bert
 
 import flaxlora
 from flaxlora import pytree, training
-from flaxlora.loading import GGUFFile
+from flaxlora.loading import GGUFFile, load_pretrained
 from flaxlora.loading.gguf_file import hf_name, unpermute_rows
 from flaxlora.loading.registry import resolve
 from flaxlora.models import init_params, sequence_classifier
@@ -83,8 +85,47 @@ def test_gguf_blocks_decode_bit_for_bit_like_gguf():
         raw = gguf_quantize(w, qtype)
         q = from_gguf_blocks(raw, qtype.name, (128, 48))
         np.testing.assert_array_equal(np.asarray(dequantize_weight(q)), gguf_dequantize(raw, qtype).T)
-    with pytest.raises(ValueError, match="Q6_K is not kept as stored"):
-        from_gguf_blocks(raw, "Q6_K", (128, 48))
+    with pytest.raises(ValueError, match="Q3_K is not kept as stored"):
+        from_gguf_blocks(raw, "Q3_K", (128, 48))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_blocks_decode_bit_for_bit_like_gguf(type_name):
+    """Super-blocks of 256 with packed 6-bit (Q4_K, Q5_K) or int8 (Q6_K) sub-block scales, as in
+    Q4_K_M / Q5_K_M / Q6_K files: every bit pattern of codes and sub-scales (random bytes, fp16
+    scales random but finite) decodes, eagerly and jitted, exactly as gguf dequantises it, and
+    the codes and scales shard along the weight's input axis by super-block."""
+    qtype = gguf.GGMLQuantizationType[type_name]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    n_out, n_in = 16, 4 * block
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (n_out, n_in // block, size), dtype=np.uint8)
+    fp16 = [slice(0, 4)] if type_name != "Q6_K" else [slice(size - 2, size)]  # d (and dmin) fields
+    for where in fp16:
+        width = where.stop - where.start
+        raw[..., where] = (rng.standard_normal((n_out, n_in // block, width // 2)) * 0.01).astype(
+            np.float16).view(np.uint8)
+    raw = raw.reshape(n_out, -1)
+    expected = gguf_dequantize(raw, qtype).reshape(n_out, n_in).T
+    q = from_gguf_blocks(raw, type_name, (n_in, n_out))
+    assert q.nbytes == raw.nbytes and q.scheme == type_name.lower()
+    np.testing.assert_array_equal(np.asarray(dequantize_weight(q)), expected)
+    np.testing.assert_array_equal(np.asarray(jax.jit(dequantize_weight)(q)), expected)
+    mesh = training.sharding.make_mesh(f"fsdp={len(jax.devices())}")
+    weight = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None))
+    placed = jax.device_put(q, q.replace(data=q.data_shardings(weight)))
+    assert all(tuple(x.sharding.spec)[:2] == (None, "fsdp") for x in placed.data.values())
+    np.testing.assert_array_equal(np.asarray(jax.jit(dequantize_weight)(placed)), expected)
+
+
+def test_gguf_type_that_cannot_be_kept_is_named_before_any_tensor_is_read(monkeypatch):
+    stored_as = GGUFFile.tensor_type
+    odd = "model.layers.3.mlp.up_proj.weight"
+    monkeypatch.setattr(GGUFFile, "tensor_type", lambda self, name: "Q3_K" if name == odd else stored_as(self, name))
+    for method in ("read", "read_blocks"):
+        monkeypatch.setattr(GGUFFile, method, lambda *_: pytest.fail("a tensor was read"))
+    with pytest.raises(ValueError, match=rf"{re.escape(odd)} is stored as Q3_K.*keeps Q4_0.*Q6_K.*--quantize nf4"):
+        load_pretrained("smollm2-135m", quantize="gguf")
 
 
 @pytest.mark.parametrize("use_dora", [False, True])

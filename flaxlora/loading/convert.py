@@ -18,7 +18,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flaxlora.models import init_params
-from flaxlora.quant.arrays import from_gguf_blocks, quantize_weight
+from flaxlora.quant.arrays import GGUF_TYPES, from_gguf_blocks, gguf_scheme, quantize_weight
 
 Path = tuple[str, ...]
 
@@ -144,10 +144,15 @@ def params_from_hf(
                 f"has {tuple(ours)} (in our (in, out) layout), the model expects {expected}."
             )
         found[path] = name
+    schemes = {path: quantize("/".join(path), tuple(shapes[path].shape)) if quantize else None for path in found}
+    for path, name in found.items():  # every GGUF block type checked before any tensor is read
+        kind = source.tensor_type(name) if schemes[path] == "gguf" else None
+        if kind and kind not in FLOAT_TYPES and gguf_scheme(kind) is None:
+            raise ValueError(f"{name} is stored as {kind}, which --quantize gguf cannot keep as stored (it keeps "
+                             f"{', '.join(GGUF_TYPES)}): use --quantize nf4 (dequantised, then NF4) or no --quantize")
     params = {}
     for path, name in found.items():
-        shape = tuple(shapes[path].shape)
-        scheme = quantize("/".join(path), shape) if quantize else None
+        shape, scheme = tuple(shapes[path].shape), schemes[path]
         blocks = source.read_blocks(name) if scheme == "gguf" else None
         if blocks and blocks[0] not in FLOAT_TYPES:
             q = from_gguf_blocks(blocks[1], blocks[0], shape)  # host arrays, placed shard by shard

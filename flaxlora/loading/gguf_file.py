@@ -123,11 +123,14 @@ class GGUFFile:
         projection = name.rsplit(".", 2)[-2]
         return unpermute_rows(order, self._heads[projection]) if projection in self._heads else order
 
+    def tensor_type(self, name: str) -> str:
+        """The GGML type name a tensor is stored as (``"Q4_K"``, ``"F32"``, ...), from its header."""
+        return self._index[name].tensor_type.name
+
     def read_blocks(self, name: str) -> tuple[str, np.ndarray]:
         """(GGML type name, the tensor's raw rows as stored: (out, bytes) uint8, in Hugging Face row
         order) of a 2-D tensor, for keeping its quantized blocks as they are."""
-        t = self._index[name]
-        return t.tensor_type.name, np.asarray(t.data)[self._row_order(name)].view(np.uint8)
+        return self.tensor_type(name), np.asarray(self._index[name].data)[self._row_order(name)].view(np.uint8)
 
     def read(self, name: str, index: Index = ()) -> np.ndarray:
         """``tensor[index]`` in HF layout, float32: only the rows of the slice are read and

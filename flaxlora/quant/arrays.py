@@ -13,6 +13,9 @@ Schemes:
   ``q4_0``, ``q4_1``, ``q8_0``  llama.cpp's blocks of 32 along each row of the (out, in) matrix,
              exactly as the GGUF file stores them (fp16 scale [and minimum], 4- or 8-bit codes):
              the weights llama.cpp computes with, never dequantised and requantised.
+  ``q4_k``, ``q5_k``, ``q6_k``  llama.cpp's K-quants (what Q4_K_M / Q5_K_M / Q6_K files hold):
+             super-blocks of 256 along each row, with 6-bit (q4_k, q5_k: scale and minimum) or
+             8-bit (q6_k: scale) sub-block scales under one fp16 scale [and minimum], as stored.
 """
 
 from __future__ import annotations
@@ -34,8 +37,7 @@ NF4_CODEBOOK = np.array([
     0.7229568362236023, 1.0], np.float32)
 NF4_BLOCK = 64  # inputs per absmax
 SCALE_BLOCK = 256  # absmaxes per second-level scale (double quantization)
-GGUF_BLOCK = 32
-GGUF_SCHEMES = ("q4_0", "q4_1", "q8_0")
+GGUF_SCHEMES = ("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k")
 SCHEMES = ("nf4", "nf4-dq", "int8", *GGUF_SCHEMES)
 
 
@@ -95,7 +97,8 @@ class QuantizedArray(struct.PyTreeNode):
 
 # The (in, out) dimension each axis of a code or scale array runs along (for its sharding).
 _LAYOUTS = {"codes": ("in", "out"), "absmax": ("in", "out"), "scale": ("out",),
-            "d": ("out", "in"), "m": ("out", "in"), "qs": ("out", "in", None)}
+            "d": ("out", "in"), "m": ("out", "in"), "dmin": ("out", "in"),
+            "qs": ("out", "in", None), "qh": ("out", "in", None), "scales": ("out", "in", None)}
 
 
 def is_quantized(x: Any) -> bool:
@@ -161,44 +164,83 @@ def quantize_weight(w: jax.Array, scheme: str) -> QuantizedArray:
 
 # ------------------------------------------------------------------------------------------ GGUF
 
-_GGUF_TYPES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
+# Each GGML type kept as stored: (our scheme, elements per block, its fields in storage order as
+# (name, bytes, numpy dtype)). Every field becomes a (out, in / block, ...) array of the same name.
+_F16, _U8, _I8 = np.float16, np.uint8, np.int8
+_GGUF_LAYOUTS = {
+    "Q4_0": ("q4_0", 32, (("d", 2, _F16), ("qs", 16, _U8))),
+    "Q4_1": ("q4_1", 32, (("d", 2, _F16), ("m", 2, _F16), ("qs", 16, _U8))),
+    "Q8_0": ("q8_0", 32, (("d", 2, _F16), ("qs", 32, _I8))),
+    "Q4_K": ("q4_k", 256, (("d", 2, _F16), ("dmin", 2, _F16), ("scales", 12, _U8), ("qs", 128, _U8))),
+    "Q5_K": ("q5_k", 256, (("d", 2, _F16), ("dmin", 2, _F16), ("scales", 12, _U8), ("qh", 32, _U8),
+                           ("qs", 128, _U8))),
+    "Q6_K": ("q6_k", 256, (("ql", 128, _U8), ("qh", 64, _U8), ("scales", 16, _I8), ("d", 2, _F16))),
+}
+_LAYOUTS["ql"] = ("out", "in", None)
+GGUF_TYPES = tuple(_GGUF_LAYOUTS)
 
 
 def gguf_scheme(type_name: str) -> str | None:
     """Our scheme for a GGML type name (``"Q4_1"`` -> ``"q4_1"``); None where it is not kept as stored."""
-    return _GGUF_TYPES.get(type_name)
+    return _GGUF_LAYOUTS[type_name][0] if type_name in _GGUF_LAYOUTS else None
 
 
 def from_gguf_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantizedArray:
     """A kernel of ``shape`` (in, out) from a GGUF tensor's raw blocks ``raw`` (out rows x bytes, as
     the file stores them, rows already in Hugging Face order), kept exactly as stored."""
-    scheme = gguf_scheme(type_name)
-    if scheme is None:
-        raise ValueError(f"GGUF type {type_name} is not kept as stored (supported: {', '.join(_GGUF_TYPES)}): use "
+    if type_name not in _GGUF_LAYOUTS:
+        raise ValueError(f"GGUF type {type_name} is not kept as stored (supported: {', '.join(GGUF_TYPES)}): use "
                          "--quantize nf4 (dequantised from the file, then NF4) or no --quantize")
+    scheme, block, fields = _GGUF_LAYOUTS[type_name]
     n_in, n_out = shape
-    blocks = np.ascontiguousarray(raw).reshape(n_out, n_in // GGUF_BLOCK, -1)
-    d = blocks[..., :2].copy().view(np.float16)[..., 0]
-    if scheme == "q8_0":
-        return QuantizedArray({"d": d, "qs": blocks[..., 2:].copy().view(np.int8)}, scheme, shape)
-    if scheme == "q4_1":
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
-        return QuantizedArray({"d": d, "m": m, "qs": blocks[..., 4:].copy()}, scheme, shape)
-    return QuantizedArray({"d": d, "qs": blocks[..., 2:].copy()}, scheme, shape)
+    blocks = np.ascontiguousarray(raw).reshape(n_out, n_in // block, -1)
+    data, offset = {}, 0
+    for name, size, dtype in fields:
+        field = blocks[..., offset:offset + size].copy().view(dtype)
+        data[name], offset = (field[..., 0] if dtype == _F16 else field), offset + size
+    return QuantizedArray(data, scheme, shape)
+
+
+def _nibbles(qs: jax.Array, group: int) -> jax.Array:
+    """(..., n / group, 2, group) low then high nibbles of each run of ``group`` bytes of ``qs`` (..., n)."""
+    runs = qs.reshape(*qs.shape[:-1], -1, 1, group)
+    return jnp.concatenate([runs & 0x0F, runs >> 4], axis=-2)
+
+
+def _k_scales(scales: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The 8 six-bit sub-block scales and minimums packed in 12 bytes (q4_k, q5_k), as float32."""
+    d, m, md = jnp.split(scales.reshape(*scales.shape[:-1], 3, 4), 3, axis=-2)
+    sc = jnp.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = jnp.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.reshape(*scales.shape[:-1], 8).astype(jnp.float32), mn.reshape(*scales.shape[:-1], 8).astype(jnp.float32)
 
 
 def _gguf_rows(q: QuantizedArray) -> jax.Array:
-    """The (out, in) float32 matrix of GGUF blocks, with ggml's arithmetic (scale x code [+ min])."""
-    data = q.data
-    d = data["d"].astype(jnp.float32)[..., None]
+    """The (out, in) float32 matrix of GGUF blocks, with ggml's arithmetic (that of gguf's
+    ``dequantize``, operation for operation, so the values agree bit for bit)."""
+    data, f32 = q.data, jnp.float32
+    d = data["d"].astype(f32)[..., None]
     if q.scheme == "q8_0":
-        w = data["qs"].astype(jnp.float32) * d
-    else:  # 4-bit: the 16 bytes hold elements 0-15 in their low and 16-31 in their high nibbles
-        nibbles = jnp.concatenate([data["qs"] & 0x0F, data["qs"] >> 4], axis=-1)
+        w = data["qs"].astype(f32) * d
+    elif q.scheme in ("q4_0", "q4_1"):  # 16 bytes: elements 0-15 in their low, 16-31 in their high nibbles
+        nibbles = _nibbles(data["qs"], 16).reshape(*data["qs"].shape[:-1], 32)
         if q.scheme == "q4_0":
-            w = d * (nibbles.astype(jnp.int8) - 8).astype(jnp.float32)
+            w = d * (nibbles.astype(jnp.int8) - 8).astype(f32)
         else:
-            w = d * nibbles.astype(jnp.float32) + data["m"].astype(jnp.float32)[..., None]
+            w = d * nibbles.astype(f32) + data["m"].astype(f32)[..., None]
+    elif q.scheme == "q6_k":  # 16 sub-blocks of 16, int8 scales; 4 low bits in ql, 2 high in qh
+        low = _nibbles(data["ql"], 64).reshape(*data["ql"].shape[:-1], 8, 32)
+        runs = data["qh"].reshape(*data["qh"].shape[:-1], 2, 1, 32)
+        high = jnp.concatenate([(runs >> s) & 0x03 for s in (0, 2, 4, 6)], axis=-2).reshape(low.shape)
+        codes = ((low | (high << 4)).astype(jnp.int8) - 32).reshape(*low.shape[:-2], 16, 16).astype(f32)
+        w = (d * data["scales"].astype(f32))[..., None] * codes
+    else:  # q4_k, q5_k: 8 sub-blocks of 32 with a 6-bit scale and minimum each
+        sc, mn = _k_scales(data["scales"])
+        codes = _nibbles(data["qs"], 32).reshape(*data["qs"].shape[:-1], 8, 32)
+        if q.scheme == "q5_k":
+            runs = data["qh"].reshape(*data["qh"].shape[:-1], 1, 32)
+            codes = codes | (jnp.concatenate([(runs >> s) & 0x01 for s in range(8)], axis=-2) << 4)
+        w = (d * sc)[..., None] * codes.astype(f32) - (data["dmin"].astype(f32)[..., None] * mn)[..., None]
     return w.reshape(q.shape[1], q.shape[0])
 
 
