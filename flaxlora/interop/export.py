@@ -115,7 +115,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    source, out = checkpoint_dir(checkpoint).resolve(), Path(out).resolve()
+    source, out = Path(checkpoint_dir(checkpoint)).resolve(), Path(out).resolve()  # exports are local folders
     if out == source or out in source.parents:
         raise FileExistsError(f"{out} holds the checkpoint being exported: choose another --out")
     _check_replaceable(out, force)

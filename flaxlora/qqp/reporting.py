@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import resource
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from flaxlora.paths import is_url
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +22,11 @@ class RunLog:
 
     Only the writing process (``enabled``: process 0 of several) reads and writes the files, so
     no process reads metrics.jsonl while another rewrites it; the others keep only the records
-    of this session.
+    of this session. A local metrics.jsonl is appended to; one at a URL (``gs://``: objects cannot
+    be appended to) is rewritten whole at each record, a few hundred short lines at most.
     """
 
-    def __init__(self, output_dir: Path, resume_step: int | None, enabled: bool = True):
+    def __init__(self, output_dir: epath.Path, resume_step: int | None, enabled: bool = True):
         self.path = output_dir / "metrics.jsonl"
         self.enabled = enabled
         records = []
@@ -33,19 +37,17 @@ class RunLog:
         if not enabled:
             return
         self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(output_dir / "tb"))
-        except ImportError:  # TensorBoard is optional; metrics.jsonl is always written.
-            log.info("tensorboardX not installed: no TensorBoard events")
+        self._tb = _summary_writer(output_dir / "tb")
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if is_url(self.path):
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        else:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         if self._tb is not None:
             prefix = record.get("split", "train")
             for k, v in record.items():
@@ -57,7 +59,21 @@ class RunLog:
             self._tb.close()
 
 
-def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
+def _summary_writer(logdir: epath.Path):
+    """tensorboardX's writer at ``logdir``, or None where it cannot write there (TensorBoard is
+    optional: metrics.jsonl is always written)."""
+    try:
+        from tensorboardX import SummaryWriter
+
+        if is_url(logdir):
+            import google.cloud.storage  # noqa: F401  (what tensorboardX writes gs:// with)
+    except ImportError as err:
+        log.info("no TensorBoard events (%s)", err)
+        return None
+    return SummaryWriter(os.fspath(logdir))
+
+
+def plot_curves(records: list[dict[str, Any]], path: epath.Path) -> None:
     """PNG of the training loss and the evaluation accuracy / MCC against the step."""
     import matplotlib
 
@@ -75,8 +91,10 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
                 right.plot([r["step"] for r in evals], [r[metric] for r in evals], style, label=f"{split} {metric}")
     left.set_xlabel("step"), left.legend(), right.set_xlabel("step"), right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    path.write_bytes(png.getvalue())
 
 
 def peak_rss_mib() -> float:

@@ -18,12 +18,12 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from flaxlora import training
 from flaxlora.data.batching import (
@@ -38,6 +38,7 @@ from flaxlora.loading.provenance import check_same_base
 from flaxlora.lora.optim import lora_optimizer
 from flaxlora.lora.rank_allocation import allocate
 from flaxlora.lora.summary import summarize
+from flaxlora.paths import as_path
 from flaxlora.qqp.config import DTYPES, MAX_STEPS, RunConfig
 from flaxlora.qqp.data import load_qqp
 from flaxlora.qqp.reporting import RunLog, mean_throughput, peak_rss_mib, plot_curves
@@ -128,7 +129,7 @@ def check_resume(saved: dict[str, Any], saved_step: int, run: RunConfig, train_p
                          f"saved, {now} now): resume with {flag} {value} or use a new --output-dir")
 
 
-def preflight(run: RunConfig, out: Path, resume: bool) -> tuple[RunConfig, jax.sharding.Mesh, Any, dict[str, Any]]:
+def preflight(run: RunConfig, out: epath.Path, resume: bool) -> tuple[RunConfig, jax.sharding.Mesh, Any, dict[str, Any]]:
     """Every check that can fail before a weight is loaded or a file written: mesh and batch sizes,
     max length, the output folder and resume compatibility (same base model too), the data.
 
@@ -183,7 +184,7 @@ def allocate_ranks(run: RunConfig, pretrained, train_data, buckets) -> RunConfig
 def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate; returns (and writes to results.json) the final metrics."""
     started = time.perf_counter()
-    out = Path(output_dir)
+    out = as_path(output_dir)
     run, mesh, data, base = preflight(run, out, resume)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(out / "checkpoints", max_to_keep=run.keep_checkpoints)

@@ -20,15 +20,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
+from flaxlora.paths import as_path
 from flaxlora.pytree import PyTree
 from flaxlora.training.step import TrainState, all_finite
 
@@ -58,10 +58,10 @@ class Checkpointer:
     """Save and restore :class:`~flaxlora.training.step.TrainState` plus JSON metadata with orbax."""
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3, read_only: bool = False):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = as_path(directory)  # a local folder or a URL (gs://...)
         self.read_only = read_only
         self.skipped: list[tuple[int, str]] = []  # (step, why) of the unreadable steps passed over
-        if read_only and not os.path.isdir(self.directory):
+        if read_only and not self.directory.is_dir():
             raise FileNotFoundError(f"no checkpoint directory at {self.directory}")
         if read_only:  # the settings orbax would otherwise override with a warning each
             options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None, save_interval_steps=0)
@@ -148,13 +148,13 @@ class Checkpointer:
         if self.read_only or not problems or jax.process_index() != 0:
             return
         for step, _ in problems:
-            source = Path(self.directory) / str(step)
-            target = Path(f"{self.directory}.unreadable") / str(step)
+            source = self.directory / str(step)
+            target = self.directory.parent / f"{self.directory.name}.unreadable" / str(step)
             while target.exists():
                 target = target.with_name(target.name + "+")
             if source.is_dir():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(source, target)
+                source.rename(target)
                 log.warning("moved unreadable checkpoint step %d to %s", step, target)
         self._manager.reload()
 
@@ -211,9 +211,9 @@ def _one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
-def checkpoint_dir(path: str | os.PathLike) -> Path:
+def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
     """The checkpoints/ folder of a run output folder, or ``path`` itself if it is one."""
-    path = Path(path)
+    path = as_path(path)
     if (path / "checkpoints").is_dir():
         return path / "checkpoints"
     if path.is_dir():
