@@ -62,12 +62,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--accum-steps", type=int, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--learning-rate", type=float, help="peak learning rate (linear warmup, then decay)")
     p.add_argument("--loraplus-ratio", type=float, help="LoRA+: learning-rate ratio of B to A")
+    p.add_argument("--warmup-ratio", type=float, help="share of the steps with a linear learning-rate warmup")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
     p.add_argument("--max-length", type=int, help="most tokens per pair (longest-first truncation)")
     p.add_argument("--buckets", type=_lengths, help="comma-separated static sequence lengths, e.g. 32,64,128 "
                                                  "(default: 4 even steps up to --max-length)")
     p.add_argument("--rank", type=int, help="LoRA rank r")
     p.add_argument("--alpha", type=float, help="LoRA alpha (scale alpha/r)")
     p.add_argument("--targets", help="regex of kernels to adapt, searched in parameter paths")
+    p.add_argument("--scaling", choices=("standard", "rslora"), help="LoRA scale alpha/r, or alpha/sqrt(r) (rsLoRA)")
+    p.add_argument("--dora", action=argparse.BooleanOptionalAction, help="DoRA: magnitude x direction (--no-dora: off)")
+    p.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input")
     p.add_argument("--rank-budget", type=int, help="importance-based rank allocation: total LoRA rank spread "
                                                    "over the targets by gradient spectra before training")
     p.add_argument("--max-skipped-steps", type=int,
@@ -108,7 +113,13 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     config = PRESETS[args.preset]
     direct = {f.name for f in dataclasses.fields(RunConfig)}
     changes = {k: v for k, v in vars(args).items() if k in direct and v is not None}
-    lora_changes = {k: v for k, v in (("rank", args.rank), ("alpha", args.alpha), ("targets", args.targets)) if v is not None}
+    lora_flags = {"rank": ("--rank", args.rank), "alpha": ("--alpha", args.alpha), "targets": ("--targets", args.targets),
+                  "scaling": ("--scaling", args.scaling), "use_dora": ("--dora", args.dora),
+                  "dropout": ("--lora-dropout", args.lora_dropout)}
+    lora_changes = {k: v for k, (_, v) in lora_flags.items() if v is not None}
+    if config.lora.targets is None and lora_changes and "targets" not in lora_changes:
+        parser().error(f"--preset {args.preset} has no adapters for {', '.join(lora_flags[k][0] for k in lora_changes)} "
+                       "to change: add --targets or use --preset lora or enhanced")
     try:
         config = config.replace(**changes)
         if lora_changes:

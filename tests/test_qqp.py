@@ -217,6 +217,9 @@ def test_bad_flags_and_existing_runs_get_one_line_errors(qqp_script, data_dir, f
     with pytest.raises(SystemExit) as err:
         script.main(["--rank", "0", "--quiet"])
     assert "rank must be an integer >= 1" in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        script.main(["--preset", "full", "--dora", "--lora-dropout", "0.1"])
+    assert "--preset full has no adapters for --dora, --lora-dropout to change" in str(err.value)
     out, _ = finished_run
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     before_files = [p.name for p in out.iterdir()]
