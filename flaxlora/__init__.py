@@ -43,6 +43,7 @@ __version__ = "0.1.0"
 # Entry points that pull in transformers, tokenizers and orbax are imported on first use.
 _LAZY = {
     "restore": "flaxlora.qqp.predict",
+    "restore_ensemble": "flaxlora.qqp.predict",
     "load_pretrained": "flaxlora.loading",
     "known_models": "flaxlora.loading",
     "Pretrained": "flaxlora.loading",
@@ -92,6 +93,7 @@ __all__ = [
     "quantize",
     "resolve_targets",
     "restore",
+    "restore_ensemble",
     "save_merged",
     "save_peft",
     "summarize",

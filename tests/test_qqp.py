@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -158,6 +159,27 @@ def test_restored_predictor_reproduces_the_reported_metrics(data_dir, finished_r
     assert predictor.logits(["What is AI?"], ["What is artificial intelligence?"]).shape == (1, 2)
     with pytest.raises(ValueError, match="2 first questions but 1 second"):
         predictor.predict(["a", "b"], ["c"])
+
+
+def test_ensemble_averages_the_runs_probabilities_on_one_base(qqp_script, data_dir, finished_run, tmp_path):
+    first, _ = finished_run
+    second = tmp_path / "second"
+    qqp_script.main(flags(data_dir, second, "--seed", "4"))
+    test = load_qqp(data_dir)["test"]
+    q1, q2 = test.question1[:24], test.question2[:24]
+    singles = [flaxlora.restore(run).predict_proba(q1, q2) for run in (first, second)]
+    assert np.abs(singles[0] - singles[1]).max() > 1e-3  # two different adapters
+    ensemble = flaxlora.restore_ensemble([first, second])
+    np.testing.assert_allclose(ensemble.predict_proba(q1, q2), (singles[0] + singles[1]) / 2, atol=2e-6)
+    frozen, adapters = ensemble.params
+    assert all(x.shape[0] == 2 for x in jax.tree.leaves(adapters)) and "lora" not in str(jax.tree.structure(frozen))
+    with pytest.raises(ValueError, match="at least two runs"):
+        flaxlora.restore_ensemble([first])
+    other = tmp_path / "other"
+    shutil.copytree(first, other)
+    _edit_meta(other, lambda m: {**m, "run": {**m["run"], "lora": {**m["run"]["lora"], "alpha": 4.0}}})
+    with pytest.raises(ValueError, match="differs from .* an ensemble shares one base"):
+        flaxlora.restore_ensemble([first, other])
 
 
 def _edit_meta(run_dir, edit):

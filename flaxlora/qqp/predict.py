@@ -2,6 +2,7 @@
 
     predictor = flaxlora.restore("runs/qqp-enhanced-s0-...")        # or its checkpoints/ folder
     predictor.predict_proba(["How do I learn Python?"], ["What is the best way to learn Python?"])
+    ensemble = flaxlora.restore_ensemble(["runs/a", "runs/b", "runs/c"])   # adapters on one shared base
 
 The base model is rebuilt from the saved run configuration, the adapters and extras restored
 from the orbax checkpoint and merged into it once: inference runs the plain model.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from flaxlora.lora.adapters import merge_pretrained
 from flaxlora.qqp.config import DTYPES, RunConfig
 from flaxlora.quant.tree import dequantize
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
+from flaxlora.training.step import logits_fn
 
 # The longest pair a restored T5 classifier scores without truncation.
 T5_MAX_LENGTH = 4096
@@ -39,15 +41,17 @@ class Predictor:
     """Duplicate-question classifier: a model with merged params and its tokenizer.
 
     Pairs are tokenised like the training data, grouped by length into the run's buckets and
-    run in fixed-size batches (one compilation per bucket).
+    run in fixed-size batches (one compilation per bucket). ``forward(params, input_ids,
+    attention_mask, token_type_ids) -> (batch, 2)`` replaces the plain ``model.apply`` (an
+    ensemble's).
     """
 
     def __init__(self, model, params, tokenizer, pair_format: str, max_length: int,
-                 buckets: Sequence[int], batch_size: int = 64):
+                 buckets: Sequence[int], batch_size: int = 64, forward: Callable | None = None):
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.pair_format, self.max_length = pair_format, max_length
         self.buckets, self.batch_size = tuple(buckets), batch_size
-        self._forward = jax.jit(lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types))
+        self._forward = jax.jit(forward or (lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types)))
 
     def logits(self, q1s: Sequence[str], q2s: Sequence[str]) -> np.ndarray:
         """(n, 2) class scores (index 1: duplicate) for n question pairs."""
@@ -109,6 +113,49 @@ def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 
                      buckets, batch_size)
 
 
+def restore_ensemble(paths: Sequence[str | os.PathLike], step: int | None = None, batch_size: int = 64) -> Predictor:
+    """A :class:`Predictor` averaging the class probabilities of several runs' adapters on their
+    one shared base: runs of the same base model, LoRA configuration and data settings (e.g.
+    seeds of one preset). The frozen weights are held once, each run's adapter and extras beside
+    them (a few MB each), and every batch runs the factored forward of all adapters (vmapped);
+    ``logits`` returns the log of the mean probabilities.
+
+    Raises ValueError for fewer than two runs, runs that differ in anything but their seed and
+    training schedule, a base that is not the one each run recorded, or PiSSA/OLoRA runs (their
+    residual base is not shared).
+    """
+    if len(paths) < 2:
+        raise ValueError(f"an ensemble needs at least two runs, got {len(paths)}")
+    restored = []
+    for path in paths:
+        with Checkpointer(checkpoint_dir(path), read_only=True) as ckpt:
+            restored.append(ckpt.restore_for_inference(step))
+    runs = [RunConfig.from_dict(meta["run"]) for _, meta in restored]
+    shared = lambda r: (r.model, r.lora, r.dtype, r.param_dtype, r.quantize, r.max_length, r.buckets,  # noqa: E731
+                        r.text_to_text, r.rank_budget)
+    for path, run in zip(paths[1:], runs[1:]):
+        if shared(run) != shared(runs[0]):
+            raise ValueError(f"{path} differs from {paths[0]} in its base model, LoRA configuration or data "
+                             "settings: an ensemble shares one base and one adapter layout")
+    if runs[0].lora.init != "lora" or runs[0].rank_budget:
+        raise ValueError("PiSSA/OLoRA and rank-allocated runs have no shared base or layout: restore them one by one")
+    run, pretrained = load_base(restored[0][1])
+    for _, meta in restored[1:]:
+        check_same_base(meta.get("base"), base_provenance(run.model, (meta.get("base") or {}).get("revision")))
+    adapters = jax.tree.map(lambda *x: jnp.stack(x), *[trainable for trainable, _ in restored])
+    apply = logits_fn(pretrained.model, run.lora)
+
+    def forward(params, input_ids, attention_mask, token_type_ids):
+        frozen, stacked = params
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        probs = jax.nn.softmax(jax.vmap(lambda t: apply(frozen, t, batch))(stacked).astype(jnp.float32), axis=-1)
+        return jnp.log(jnp.mean(probs, axis=0))
+
+    max_length, buckets = run.max_length, run.buckets or default_buckets(run.max_length)
+    return Predictor(pretrained.model, (pretrained.params, adapters), pretrained.tokenizer,
+                     pair_format_for(pretrained.kind), max_length, buckets, batch_size, forward=forward)
+
+
 def _read_pairs(path: str) -> tuple[list[str], list[str], list[Any]]:
     """Question pairs from a TSV with a header naming question1 and question2 (GLUE's), or two columns.
 
@@ -145,7 +192,8 @@ def _read_pairs(path: str) -> tuple[list[str], list[str], list[Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m flaxlora.predict", description="Predict QQP duplicates with a saved run.")
-    p.add_argument("--checkpoint", required=True, help="run output folder or its checkpoints/ folder")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="run output folder or its checkpoints/ folder; repeated: an ensemble of the runs' adapters")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--q1", action="append", help="first question (repeatable, paired with --q2)")
     p.add_argument("--q2", action="append", help="second question")
@@ -161,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
             if len(args.q1 or []) != len(args.q2 or []):
                 p.error("give as many --q2 as --q1")
             q1s, q2s, ids = args.q1, args.q2, list(range(len(args.q1)))
-        predictor = restore(args.checkpoint, args.step)
+        predictor = (restore(args.checkpoint[0], args.step) if len(args.checkpoint) == 1
+                     else restore_ensemble(args.checkpoint, args.step))
     except (ValueError, FileNotFoundError) as err:
         p.fail(err)
     logits = predictor.logits(q1s, q2s)
