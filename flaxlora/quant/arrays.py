@@ -98,7 +98,8 @@ class QuantizedArray(struct.PyTreeNode):
 # The (in, out) dimension each axis of a code or scale array runs along (for its sharding).
 _LAYOUTS = {"codes": ("in", "out"), "absmax": ("in", "out"), "scale": ("out",),
             "d": ("out", "in"), "m": ("out", "in"), "dmin": ("out", "in"),
-            "qs": ("out", "in", None), "qh": ("out", "in", None), "scales": ("out", "in", None)}
+            "qs": ("out", "in", None), "ql": ("out", "in", None), "qh": ("out", "in", None),
+            "scales": ("out", "in", None)}
 
 
 def is_quantized(x: Any) -> bool:
@@ -176,7 +177,6 @@ _GGUF_LAYOUTS = {
                            ("qs", 128, _U8))),
     "Q6_K": ("q6_k", 256, (("ql", 128, _U8), ("qh", 64, _U8), ("scales", 16, _I8), ("d", 2, _F16))),
 }
-_LAYOUTS["ql"] = ("out", "in", None)
 GGUF_TYPES = tuple(_GGUF_LAYOUTS)
 
 
