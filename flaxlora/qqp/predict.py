@@ -105,12 +105,18 @@ def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 
         trainable, meta = ckpt.restore_for_inference(step)
     run, pretrained = load_base(meta)
     params = jax.jit(lambda p, t: merge_pretrained(p, t["lora"], run.lora, t["extras"]))(pretrained.params, trainable)
+    return Predictor(pretrained.model, params, pretrained.tokenizer, pair_format_for(pretrained.kind),
+                     *_lengths(run, pretrained), batch_size)
+
+
+def _lengths(run: RunConfig, pretrained: Pretrained) -> tuple[int, tuple[int, ...]]:
+    """(max length, buckets) a restored run scores pairs with: the run's, except that a T5
+    classifier scores whole pairs, up to ``T5_MAX_LENGTH`` tokens (its relative positions set no limit)."""
     max_length, buckets = run.max_length, run.buckets or default_buckets(run.max_length)
     if pretrained.kind == "encoder-decoder":
         max_length = max(max_length, T5_MAX_LENGTH)
         buckets = (*buckets, *(n for n in (2**k for k in range(20)) if buckets[-1] < n <= max_length))
-    return Predictor(pretrained.model, params, pretrained.tokenizer, pair_format_for(pretrained.kind), max_length,
-                     buckets, batch_size)
+    return max_length, tuple(buckets)
 
 
 def restore_ensemble(paths: Sequence[str | os.PathLike], step: int | None = None, batch_size: int = 64) -> Predictor:
@@ -139,9 +145,10 @@ def restore_ensemble(paths: Sequence[str | os.PathLike], step: int | None = None
                              "settings: an ensemble shares one base and one adapter layout")
     if runs[0].lora.init != "lora" or runs[0].rank_budget:
         raise ValueError("PiSSA/OLoRA and rank-allocated runs have no shared base or layout: restore them one by one")
-    run, pretrained = load_base(restored[0][1])
+    run, pretrained = load_base(restored[0][1])  # checks the base against the first run's record
+    loaded = restored[0][1].get("base") or base_provenance(run.model)  # hashed again only if unrecorded
     for _, meta in restored[1:]:
-        check_same_base(meta.get("base"), base_provenance(run.model, (meta.get("base") or {}).get("revision")))
+        check_same_base(meta.get("base"), loaded)
     adapters = jax.tree.map(lambda *x: jnp.stack(x), *[trainable for trainable, _ in restored])
     apply = logits_fn(pretrained.model, run.lora)
 
@@ -151,9 +158,8 @@ def restore_ensemble(paths: Sequence[str | os.PathLike], step: int | None = None
         probs = jax.nn.softmax(jax.vmap(lambda t: apply(frozen, t, batch))(stacked).astype(jnp.float32), axis=-1)
         return jnp.log(jnp.mean(probs, axis=0))
 
-    max_length, buckets = run.max_length, run.buckets or default_buckets(run.max_length)
     return Predictor(pretrained.model, (pretrained.params, adapters), pretrained.tokenizer,
-                     pair_format_for(pretrained.kind), max_length, buckets, batch_size, forward=forward)
+                     pair_format_for(pretrained.kind), *_lengths(run, pretrained), batch_size, forward=forward)
 
 
 def _read_pairs(path: str) -> tuple[list[str], list[str], list[Any]]:
