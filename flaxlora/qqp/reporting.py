@@ -36,7 +36,7 @@ class RunLog:
         self._tb = None
         if not enabled:
             return
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        self._rewrite()
         self._tb = _summary_writer(output_dir / "tb")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -44,7 +44,7 @@ class RunLog:
         if not self.enabled:
             return
         if is_url(self.path):
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            self._rewrite()
         else:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -53,6 +53,10 @@ class RunLog:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "split"):
                     self._tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def _rewrite(self) -> None:
+        """metrics.jsonl holding exactly ``self.records``."""
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def close(self) -> None:
         if self._tb is not None:
