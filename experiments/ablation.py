@@ -44,6 +44,9 @@ def lora(**changes) -> Arm:
     return lambda run: run.replace(lora=run.lora.replace(**lora_changes), **run_changes)
 
 
+# The enhanced preset (flaxlora.qqp.config.ENHANCED_LORA) as an arm.
+COMBO_A = lora(targets=ALL_LINEAR_POOLER, scaling="rslora", trainable=BITFIT)
+
 ARMS: dict[str, tuple[str, Arm]] = {
     "lora": ("plain LoRA (Hu et al.): q,v; r=8, alpha=16; head trained", lora()),
     "rslora": ("+ rsLoRA scaling alpha/sqrt(r)", lora(scaling="rslora")),
@@ -60,8 +63,8 @@ ARMS: dict[str, tuple[str, Arm]] = {
                   lambda run: run.replace(learning_rate=4 * run.learning_rate)),
     # Combinations of the arms that helped alone (chosen on validation MCC). The pooler is adapted
     # by LoRA rather than trained whole, to stay under 2% of the parameters.
-    "combo_a": ("all linear + pooler + rsLoRA + BitFit (biases, LayerNorms, head)",
-                lora(targets=ALL_LINEAR_POOLER, scaling="rslora", trainable=BITFIT)),
+    "combo_a": ("all linear + pooler + rsLoRA + BitFit (biases, LayerNorms, head)", COMBO_A),
+    "combo_a_nf4": ("combo_a on a 4-bit NF4 frozen base (QLoRA)", lambda run: COMBO_A(run).replace(quantize="nf4")),
     "combo_b": ("combo_a + PiSSA", lora(targets=ALL_LINEAR_POOLER, scaling="rslora", trainable=BITFIT, init="pissa")),
     "combo_c": ("combo_a + LoRA+ ratio 4",
                 lora(targets=ALL_LINEAR_POOLER, scaling="rslora", trainable=BITFIT, run_loraplus_ratio=4.0)),
