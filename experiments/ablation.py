@@ -30,6 +30,7 @@ from flaxlora.qqp.config import ALL_LINEAR_POOLER_TARGETS as ALL_LINEAR_POOLER
 from flaxlora.qqp.config import ALL_LINEAR_TARGETS as ALL_LINEAR
 from flaxlora.qqp.config import BITFIT, HEAD, RunConfig
 from flaxlora.qqp.config import QV_TARGETS as QV
+from qqp_runs import mean_std
 
 # BitFit-style extras of the "extras" arm: every bias and norm, the pooler and the head.
 EXTRAS = r"^(classifier|score|bert/pooler)/|/bias$|LayerNorm/|layernorm/|^model/norm/"
@@ -131,10 +132,6 @@ def baselines(base: RunConfig, prompt_pairs: int) -> dict[str, dict]:
     return rows
 
 
-def summarise(values: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
-
-
 def table(out: Path, arms: list[str], seeds: list[int], extra_rows: dict[str, dict]) -> dict:
     rows = {}
     for name in arms:
@@ -142,11 +139,11 @@ def table(out: Path, arms: list[str], seeds: list[int], extra_rows: dict[str, di
         rows[name] = {
             "description": ARMS[name][0],
             "seeds": seeds,
-            **{f"test_{m}": summarise([r["splits"]["test"][m] for r in runs]) for m in ("accuracy", "f1", "mcc")},
-            "validation_mcc": summarise([r["splits"]["validation"]["mcc"] for r in runs]),
+            **{f"test_{m}": mean_std([r["splits"]["test"][m] for r in runs]) for m in ("accuracy", "f1", "mcc")},
+            "validation_mcc": mean_std([r["splits"]["validation"]["mcc"] for r in runs]),
             "trainable_params": runs[0]["trainable_params"],
             "trainable_percent": runs[0]["trainable_percent"],
-            "train_seconds": summarise([r["train_seconds"] for r in runs]),
+            "train_seconds": mean_std([r["train_seconds"] for r in runs]),
             "peak_rss_MiB": max(r["peak_rss_MiB"] for r in runs),
             "steps": runs[0]["steps"],
         }

@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+from qqp_runs import mean_std, run_qqp
 
-QQP = Path(__file__).with_name("qqp.py")
 PRESETS = ("enhanced", "lora", "full")
 
 
@@ -35,20 +33,6 @@ def variant_flags(variant: str) -> tuple[str, list[str]]:
     return name, shlex.split(flags) if flags else ["--preset", name]
 
 
-def run(flags: list[str], seed: int, out: Path) -> None:
-    if (out / "results.json").exists():
-        return
-    command = [sys.executable, str(QQP), *flags, "--seed", str(seed), "--output-dir", str(out), "--quiet"]
-    if (out / "checkpoints").is_dir():
-        command.append("--resume")  # an interrupted run continues where it stopped
-    print("+", shlex.join(command), flush=True)
-    subprocess.run(command, check=True)
-
-
-def summarise(values: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
-
-
 def table(out: Path, variants: dict[str, list[str]], seeds: list[int]) -> dict:
     rows = {}
     for name, flags in variants.items():
@@ -59,13 +43,13 @@ def table(out: Path, variants: dict[str, list[str]], seeds: list[int]) -> dict:
         rows[name] = {
             "flags": shlex.join(flags),
             "seeds": done,
-            **{f"test_{m}": summarise([r["splits"]["test"][m] for r in runs]) for m in ("accuracy", "f1", "mcc")},
-            "validation_mcc": summarise([r["splits"]["validation"]["mcc"] for r in runs]),
+            **{f"test_{m}": mean_std([r["splits"]["test"][m] for r in runs]) for m in ("accuracy", "f1", "mcc")},
+            "validation_mcc": mean_std([r["splits"]["validation"]["mcc"] for r in runs]),
             "test_mcc_per_seed": [r["splits"]["test"]["mcc"] for r in runs],
             "trainable_percent": runs[0]["trainable_percent"],
             "steps": runs[0]["steps"],
-            "train_seconds": summarise([r["train_seconds"] for r in runs]),
-            "wall_seconds": summarise([r["wall_seconds"] for r in runs]),
+            "train_seconds": mean_std([r["train_seconds"] for r in runs]),
+            "wall_seconds": mean_std([r["wall_seconds"] for r in runs]),
             "peak_rss_MiB": max(r.get("peak_rss_MiB", float("nan")) for r in runs),
         }
     return {"command": shlex.join(sys.argv), "runs": rows}
@@ -97,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.table_only:
         for name, flags in variants.items():
             for seed in args.seeds:
-                run(flags, seed, out / f"{name}-s{seed}")
+                run_qqp(flags, seed, out / f"{name}-s{seed}")
     result = table(out, variants, args.seeds)
     (out / "table.json").write_text(json.dumps(result, indent=2))
     (out / "table.md").write_text(markdown(result))

@@ -21,14 +21,13 @@ import dataclasses
 import json
 import math
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from qqp_runs import mean_std, run_qqp
 
-QQP = Path(__file__).with_name("qqp.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,26 +132,11 @@ def trial_flags(family: str, trial: dict[str, Any], targets: dict[str, int] | No
     return flags
 
 
-def run(flags: list[str], seed: int, out: Path) -> dict[str, Any]:
-    """results.json of one qqp.py run, run first unless it is already there."""
-    if not (out / "results.json").exists():
-        command = [sys.executable, str(QQP), *flags, "--seed", str(seed), "--output-dir", str(out), "--quiet"]
-        if (out / "checkpoints").is_dir():
-            command.append("--resume")
-        print("+", shlex.join(command), flush=True)
-        subprocess.run(command, check=True)
-    return json.loads((out / "results.json").read_text())
-
-
 def figures(results: dict[str, Any]) -> dict[str, float]:
     splits = results["splits"]
     return {"validation_mcc": splits["validation"]["mcc"], "test_mcc": splits["test"]["mcc"],
             "test_accuracy": splits["test"]["accuracy"], "test_f1": splits["test"]["f1"],
             "train_seconds": results["train_seconds"], "trainable_percent": results["trainable_percent"]}
-
-
-def summarise(values: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
 def choose(trials: list[dict[str, Any]], finalists: int) -> list[dict[str, Any]]:
@@ -162,7 +146,7 @@ def choose(trials: list[dict[str, Any]], finalists: int) -> list[dict[str, Any]]
 
 def finalist_summary(trial: dict[str, Any], runs: list[dict[str, float]], seeds: list[int]) -> dict[str, Any]:
     return {"trial": trial["name"], "flags": trial["flags"], "seeds": seeds,
-            **{k: summarise([r[k] for r in runs]) for k in runs[0]}}
+            **{k: mean_std([r[k] for r in runs]) for k in runs[0]}}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -227,12 +211,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             flags = trial_flags(family, drawn, targets)
             name = f"{family}-{i}"
             trials.append({"name": name, "index": i, "drawn": drawn, "flags": flags,
-                           "figures": figures(run([*flags, *extra], args.seeds[0], out / name))})
+                           "figures": figures(run_qqp([*flags, *extra], args.seeds[0], out / name))})
         finalists = []
         eligible = [t for t in trials if family not in ADAPTED
                     or t["figures"]["trainable_percent"] <= args.max_trainable_percent]
         for trial in choose(eligible, args.finalists):
-            runs = [trial["figures"]] + [figures(run([*trial["flags"], *extra], s, out / f"{trial['name']}-s{s}"))
+            runs = [trial["figures"]] + [figures(run_qqp([*trial["flags"], *extra], s, out / f"{trial['name']}-s{s}"))
                                          for s in args.seeds[1:]]
             finalists.append(finalist_summary(trial, runs, args.seeds))
         winner = max(finalists, key=lambda f: f["validation_mcc"]["mean"])["trial"]

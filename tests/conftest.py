@@ -5,6 +5,7 @@ import csv
 import importlib.resources
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 
@@ -12,6 +13,8 @@ from flaxlora.loading import load_pretrained
 
 QQP_SAMPLE = importlib.resources.files("flaxlora.qqp") / "qqp_sample" / "glue_train_sample_a.tsv"
 QQP_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "qqp.py"
+# The experiment scripts import their shared helpers (experiments/qqp_runs.py) as `python experiments/X.py` does.
+sys.path.insert(0, str(QQP_SCRIPT.parent))
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import pathlib
 import sys
 
 import pytest
+import qqp_runs  # experiments/ (on sys.path: conftest.py)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def test_runs_what_is_missing_and_tables_the_seeds_that_finished(default_runs, t
         out.mkdir(parents=True)
         (out / "results.json").write_text(json.dumps(fake_results(0.6 + 0.01 * int(command[command.index("--seed") + 1]))))
 
-    monkeypatch.setattr(default_runs.subprocess, "run", fake_run)
+    monkeypatch.setattr(qqp_runs.subprocess, "run", fake_run)
     (tmp_path / "enhanced-s0").mkdir()
     (tmp_path / "enhanced-s0" / "results.json").write_text(json.dumps(fake_results(0.6)))  # already done
     result = default_runs.main(["--variants", "enhanced", "nf4=--quantize nf4", "--seeds", "0", "1", "2",

@@ -2,15 +2,13 @@
 
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+import ablation  # experiments/ (on sys.path: conftest.py)
 
-import ablation  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TABLES = sorted((ROOT / "experiments" / "results").glob("ablation-*/table.json"))
 

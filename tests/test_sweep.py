@@ -71,7 +71,7 @@ def test_finalists_and_winner_are_chosen_on_validation(sweep, tmp_path, monkeypa
                 "train_seconds": 1.0, "trainable_percent": share}
 
     model = sweep.Backbone(**MINILM)
-    monkeypatch.setattr(sweep, "run", fake_run)
+    monkeypatch.setattr(sweep, "run_qqp", fake_run)
     monkeypatch.setattr(sweep, "backbone", lambda name: model)
     top_lora_lr = max(sweep.draw_trial("enhanced", i, 0, lambda t: model.trainable_percent(t) <= 2.0)["learning-rate"]
                       for i in range(5))
