@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxlora.dropout import dropout
 from flaxlora.lora import variants
 from flaxlora.lora.adapters import adapters_by_path, path_key
 from flaxlora.lora.config import LoraConfig, first_match
@@ -50,8 +51,7 @@ def _lora_output(module, x, y, adapter, path, config, rng):
         raise ValueError(f"{path!r}: adapter rank {a.shape[-1]} != configured rank {config.rank_for(path)}")
     h = x
     if rng is not None and config.dropout > 0:
-        keep = jax.random.bernoulli(path_key(rng, path), 1.0 - config.dropout, x.shape)
-        h = jnp.where(keep, x / (1.0 - config.dropout), 0).astype(x.dtype)
+        h = dropout(x, config.dropout, path_key(rng, path))
     dtype = y.dtype
     delta = scale * jnp.tensordot(jnp.tensordot(h.astype(dtype), a.astype(dtype), n_in), b.astype(dtype), 1)
     if not config.use_dora:

@@ -11,6 +11,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxlora.dropout import Dropout
 from flaxlora.models.config import BertConfig
 from flaxlora.models.layers import (
     Array,
@@ -46,7 +47,7 @@ class BertEmbeddings(Block):
         x += self.embed(cfg.type_vocab_size, ("token_types", "embed"),
                         name="token_type_embeddings")(token_type_ids)
         x = self.layer_norm(cfg.layer_norm_eps, name="LayerNorm")(x)
-        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic)
+        return Dropout(cfg.hidden_dropout_prob)(x, deterministic)
 
 
 class BertSelfAttention(Block):
@@ -59,7 +60,7 @@ class BertSelfAttention(Block):
         if deterministic or cfg.attention_probs_dropout_prob == 0:
             return fused_attention(q, k, v, mask, cfg.head_dim**-0.5)
         probs = attention_weights(q / jnp.sqrt(cfg.head_dim).astype(q.dtype), k, mask)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic)
+        probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic)
         return attention_output(probs, v)
 
 
@@ -72,7 +73,7 @@ class BertResidualOutput(Block):
     def __call__(self, x: Array, residual: Array, deterministic: bool) -> Array:
         cfg = self.config
         x = self.dense(cfg.hidden_size, self.axes, name="dense")(x)
-        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic)
+        x = Dropout(cfg.hidden_dropout_prob)(x, deterministic)
         return self.layer_norm(cfg.layer_norm_eps, name="LayerNorm")(x + residual)
 
 
@@ -160,7 +161,7 @@ class BertForSequenceClassification(SequenceClassifier):
     def setup(self):
         cfg = self.config
         self.bert = BertModel(cfg, self.dtype, self.param_dtype)
-        self.dropout = nn.Dropout(_classifier_dropout(cfg))
+        self.dropout = Dropout(_classifier_dropout(cfg))
         self.classifier = self.dense(cfg.num_labels, ("embed", "classes"))
 
     def __call__(
@@ -181,7 +182,7 @@ class RobertaClassificationHead(Block):
     @nn.compact
     def __call__(self, hidden: Array, deterministic: bool) -> Array:
         cfg = self.config
-        dropout = nn.Dropout(_classifier_dropout(cfg))
+        dropout = Dropout(_classifier_dropout(cfg))
         x = dropout(hidden[:, 0], deterministic)
         x = jnp.tanh(self.dense(cfg.hidden_size, ("embed", "embed_out"), name="dense")(x))
         x = dropout(x, deterministic)

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlora.dropout import Dropout
 from flaxlora.models.config import LlamaConfig
 from flaxlora.models.layers import (
     Array,
@@ -73,7 +74,7 @@ class LlamaAttention(Block):
             out = fused_attention(q, k, split_heads(v, d), mask, d**-0.5)
         else:
             probs = attention_weights(q * jnp.asarray(d**-0.5, q.dtype), k, mask)
-            probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic)
+            probs = Dropout(cfg.attention_dropout)(probs, deterministic)
             out = attention_output(probs, split_heads(v, d))
         return self.dense(cfg.hidden_size, ("heads", "embed"), use_bias=bias, name="o_proj")(out)
 

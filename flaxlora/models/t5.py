@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlora.dropout import Dropout
 from flaxlora.models.layers import (
     Array,
     Block,
@@ -93,7 +94,7 @@ class T5Attention(Block):
                 num_buckets=cfg.relative_attention_num_buckets, max_distance=cfg.relative_attention_max_distance)
             position_bias = jnp.transpose(table(buckets), (2, 0, 1))[None]
         probs = attention_weights(split_heads(q, cfg.d_kv), split_heads(k, cfg.d_kv), mask, position_bias)
-        probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic)
+        probs = Dropout(cfg.dropout_rate)(probs, deterministic)
         out = attention_output(probs, split_heads(v, cfg.d_kv))
         o = self.dense(d, ("heads", "embed"), use_bias=False, stddev=f * inner**-0.5, name="o")
         return o(out), position_bias
@@ -111,7 +112,7 @@ class T5LayerSelfAttention(Block):
         attention = T5Attention(cfg, self.dtype, self.param_dtype, relative_bias=self.relative_bias,
                                 causal=self.causal, name="SelfAttention")
         out, position_bias = attention(h, h, mask, position_bias, deterministic)
-        return x + nn.Dropout(cfg.dropout_rate)(out, deterministic), position_bias
+        return x + Dropout(cfg.dropout_rate)(out, deterministic), position_bias
 
 
 class T5LayerCrossAttention(Block):
@@ -121,7 +122,7 @@ class T5LayerCrossAttention(Block):
         h = self.rms_norm(cfg.layer_norm_epsilon, name="layer_norm")(x)
         out, _ = T5Attention(cfg, self.dtype, self.param_dtype, name="EncDecAttention")(
             h, encoded, encoded_mask, None, deterministic)
-        return x + nn.Dropout(cfg.dropout_rate)(out, deterministic)
+        return x + Dropout(cfg.dropout_rate)(out, deterministic)
 
 
 class T5DenseReluDense(Block):
@@ -137,7 +138,7 @@ class T5DenseReluDense(Block):
             return self.dense(cfg.d_ff, ("embed", "mlp"), use_bias=False, stddev=f * cfg.d_model**-0.5, name=name)(x)
 
         h = act(wi("wi_0")) * wi("wi_1") if cfg.is_gated_act else act(wi("wi"))
-        h = nn.Dropout(cfg.dropout_rate)(h, deterministic)
+        h = Dropout(cfg.dropout_rate)(h, deterministic)
         return self.dense(cfg.d_model, ("mlp", "embed"), use_bias=False, stddev=f * cfg.d_ff**-0.5, name="wo")(h)
 
 
@@ -147,7 +148,7 @@ class T5LayerFF(Block):
         cfg = self.config
         h = self.rms_norm(cfg.layer_norm_epsilon, name="layer_norm")(x)
         h = T5DenseReluDense(cfg, self.dtype, self.param_dtype, name="DenseReluDense")(h, deterministic)
-        return x + nn.Dropout(cfg.dropout_rate)(h, deterministic)
+        return x + Dropout(cfg.dropout_rate)(h, deterministic)
 
 
 class T5BlockLayers(Block):
@@ -212,7 +213,7 @@ class T5Stack(Block):
         encoded_mask (batch, 1, src_len) feed the decoder's cross-attention.
         """
         cfg = self.config
-        dropout = nn.Dropout(cfg.dropout_rate)
+        dropout = Dropout(cfg.dropout_rate)
         x = T5Blocks(cfg, self.dtype, self.param_dtype, is_decoder=self.is_decoder, name="block")(
             dropout(x, deterministic), mask, encoded, encoded_mask, deterministic)
         return dropout(self.rms_norm(cfg.layer_norm_epsilon, name="final_layer_norm")(x), deterministic)
@@ -271,7 +272,7 @@ class T5ClassificationHead(Block):
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg = self.config
         stddev = cfg.initializer_factor * cfg.d_model**-0.5
-        dropout = nn.Dropout(cfg.classifier_dropout)
+        dropout = Dropout(cfg.classifier_dropout)
         x = self.dense(cfg.d_model, ("embed", "embed_out"), stddev=stddev, name="dense")(dropout(x, deterministic))
         x = dropout(jnp.tanh(x), deterministic)
         return self.dense(cfg.num_labels, ("embed_out", "classes"), stddev=stddev, name="out_proj")(x)
