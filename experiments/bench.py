@@ -424,6 +424,7 @@ def measure(args) -> dict:
                 "flops_per_s": flops / step_s, "peak_fraction": flops / step_s / peak,
                 **finals[name], "train_step_s_all": times[name]["train"], "eval_s_all": times[name]["eval"]}
 
+    ratio = lambda a, b: None if a is None else a / b  # eval throughput is None with --eval-batches 0
     result = figures("ours")
     result.update(peak_flops=peak, cores=cores(), config={
         k: getattr(args, k) for k in ("model", "preset", "batch", "seq_len", "dtype", "steps", "warmup", "rounds",
@@ -432,14 +433,14 @@ def measure(args) -> dict:
         other = result["vs"] = {"flags": args.vs, "root": args.vs_root, **figures("vs")}
         result["vs_ratios"] = {  # ours / vs: step time, evaluation throughput, peak RSS
             "train_step": result["train_step_s"] / other["train_step_s"],
-            "eval_throughput": result["eval_pairs_per_s"] / other["eval_pairs_per_s"],
+            "eval_throughput": ratio(result["eval_pairs_per_s"], other["eval_pairs_per_s"]),
             "peak_rss": result["peak_rss_mb"] / other["peak_rss_mb"],
         }
     if args.peer:
         theirs = result["peer"] = figures("peft")
         result["ratios"] = {
             "train_throughput": theirs["train_step_s"] / result["train_step_s"],
-            "eval_throughput": result["eval_pairs_per_s"] / theirs["eval_pairs_per_s"],
+            "eval_throughput": ratio(result["eval_pairs_per_s"], theirs["eval_pairs_per_s"]),
             "peak_rss": result["peak_rss_mb"] / theirs["peak_rss_mb"],
         }
     return result
@@ -447,22 +448,23 @@ def measure(args) -> dict:
 
 def summary(r: dict) -> str:
     c = r["config"]
+    num = lambda x, spec=".1f": "-" if x is None else format(x, spec)  # eval figures: None without evaluation
     lines = [f"{c['model']} {c['preset']} B{c['batch']} S{c['seq_len']} {c['dtype']} ({r['lora_path']} path, "
              f"{r['cores']} cores)",
-             f"  ours: step {r['train_step_s']:.3f} s, eval {r['eval_pairs_per_s'] or 0:.1f} pairs/s, peak RSS "
+             f"  ours: step {r['train_step_s']:.3f} s, eval {num(r['eval_pairs_per_s'])} pairs/s, peak RSS "
              f"{r['peak_rss_mb']:.0f} MiB, {r['flops_per_s'] / 1e9:.1f} GFLOP/s = {r['peak_fraction']:.1%} of peak, "
              f"compile {r['compile_s']:.1f} s, {r['compiles_after_warmup']} compiles after warm-up"]
     if "peer" in r:
         p, q = r["peer"], r["ratios"]
-        lines += [f"  peft: step {p['train_step_s']:.3f} s, eval {p['eval_pairs_per_s']:.1f} pairs/s, peak RSS "
+        lines += [f"  peft: step {p['train_step_s']:.3f} s, eval {num(p['eval_pairs_per_s'])} pairs/s, peak RSS "
                   f"{p['peak_rss_mb']:.0f} MiB, {p['flops_per_s'] / 1e9:.1f} GFLOP/s",
                   f"  ratios: train throughput {q['train_throughput']:.2f}x, eval throughput "
-                  f"{q['eval_throughput']:.2f}x, peak RSS {q['peak_rss']:.2f}x (ours / PEFT's)"]
+                  f"{num(q['eval_throughput'], '.2f')}x, peak RSS {q['peak_rss']:.2f}x (ours / PEFT's)"]
     if "vs" in r:
         v, q = r["vs"], r["vs_ratios"]
-        lines += [f"  vs ({v['flags'] or ''} {v['root'] or ''}): step {v['train_step_s']:.3f} s, eval {v['eval_pairs_per_s']:.1f} pairs/s, "
+        lines += [f"  vs ({v['flags'] or ''} {v['root'] or ''}): step {v['train_step_s']:.3f} s, eval {num(v['eval_pairs_per_s'])} pairs/s, "
                   f"peak RSS {v['peak_rss_mb']:.0f} MiB, {v['lora_path']} path",
-                  f"  ours / vs: step time {q['train_step']:.2f}x, eval throughput {q['eval_throughput']:.2f}x, "
+                  f"  ours / vs: step time {q['train_step']:.2f}x, eval throughput {num(q['eval_throughput'], '.2f')}x, "
                   f"peak RSS {q['peak_rss']:.2f}x"]
     return "\n".join(lines)
 
