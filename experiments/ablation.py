@@ -66,9 +66,8 @@ ARMS: dict[str, tuple[str, Arm]] = {
     # by LoRA rather than trained whole, to stay under 2% of the parameters.
     "combo_a": ("all linear + pooler + rsLoRA + BitFit (biases, LayerNorms, head)", COMBO_A),
     "combo_a_nf4": ("combo_a on a 4-bit NF4 frozen base (QLoRA)", lambda run: COMBO_A(run).replace(quantize="nf4")),
-    "combo_b": ("combo_a + PiSSA", lora(targets=ALL_LINEAR_POOLER, scaling="rslora", trainable=BITFIT, init="pissa")),
-    "combo_c": ("combo_a + LoRA+ ratio 4",
-                lora(targets=ALL_LINEAR_POOLER, scaling="rslora", trainable=BITFIT, run_loraplus_ratio=4.0)),
+    "combo_b": ("combo_a + PiSSA", lambda run: lora(init="pissa")(COMBO_A(run))),
+    "combo_c": ("combo_a + LoRA+ ratio 4", lambda run: lora(run_loraplus_ratio=4.0)(COMBO_A(run))),
     "head": ("head only (pooler + classifier)",
              lambda run: run.replace(lora=LoraConfig(targets=None, trainable=HEAD), learning_rate=2e-3)),
     "full": ("full fine-tuning", lambda run: run.replace(lora=LoraConfig(targets=None, trainable=".*"), learning_rate=1e-4)),
