@@ -95,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", choices=("auto", "none", "block", "full"),
                    help="activation checkpointing per layer: block keeps its weight matmuls' outputs, full only its "
                         "input; auto (default): full where the mesh has fsdp > 1, else none")
+    p.add_argument("--scan-layers", action="store_true", default=None,
+                   help="run the backbone's layers under nn.scan: one layer compiled instead of each (BERT/RoBERTa, "
+                        "Llama); checkpoints hold the layers stacked, exports and restore as usual")
     p.add_argument("--lora-path", choices=("merged", "factored"), help="factored xW+s(xA)B (default: no weight-sized gradient) or merged W+sAB")
     p.add_argument("--cache-dir", help="tokenisation cache (default ~/.cache/flaxlora or $FLAXLORA_CACHE_DIR)")
     p.add_argument("--distributed", action="store_true",

@@ -145,6 +145,7 @@ def test_mesh_specs():
 
 
 def test_eight_devices_give_the_one_device_losses():
+    """Also with the layers scanned: stacked weights sharded over fsdp and tensor."""
     script = pathlib.Path(__file__).with_name("sharded_losses.py")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
@@ -154,6 +155,9 @@ def test_eight_devices_give_the_one_device_losses():
     assert result["sharded_frozen"], "frozen weights were not split over fsdp"
     np.testing.assert_allclose(result["mesh"], result["single"], rtol=1e-5)
     assert result["single"][-1] < result["single"][0]
+    assert result["scanned_sharded_frozen"], "a scanned stack's weights were not split over fsdp"
+    np.testing.assert_allclose(result["scanned_mesh"], result["scanned_single"], rtol=1e-5)
+    assert result["scanned_single"][-1] < result["scanned_single"][0]
 
 
 def test_bfloat16_compute_keeps_lora_and_optimizer_in_float32():

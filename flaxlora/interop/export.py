@@ -34,7 +34,7 @@ from flaxlora.loading.registry import HUB_ALIASES, resolve
 from flaxlora.lora import merge_pretrained, summarize
 from flaxlora.qqp.config import PRESETS, RunConfig
 from flaxlora.qqp.data import LABEL_WORDS
-from flaxlora.qqp.predict import load_base
+from flaxlora.qqp.predict import load_base, unrolled
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
 
 FORMATS = ("peft", "merged")
@@ -128,6 +128,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
         raise ValueError("a text-to-text run scores label words with T5's LM head, which neither a PEFT SEQ_CLS "
                          "adapter nor a sequence-classifier folder expresses: use flaxlora.restore(RUN) instead")
     run, pretrained = load_base(meta)
+    trainable = unrolled(trainable, run)
     lora, extras = trainable["lora"], trainable["extras"]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")

@@ -18,7 +18,13 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flaxlora.models import init_params
-from flaxlora.quant.arrays import GGUF_TYPES, from_gguf_blocks, gguf_scheme, quantize_weight
+from flaxlora.models.scan import SCANNED
+from flaxlora.quant.arrays import (
+    GGUF_TYPES,
+    from_gguf_blocks,
+    gguf_scheme,
+    quantize_weight,
+)
 
 Path = tuple[str, ...]
 
@@ -67,19 +73,23 @@ class ArraySource:
         return np.asarray(self.state[name])[index]
 
 
-def _placed(source: TensorSource, name: str, transpose: bool, shape: tuple[int, ...], sharding: jax.sharding.Sharding,
-            dtype: Any) -> jax.Array:
-    """Tensor ``name`` as an array of ``shape`` with ``sharding``: each device's slice is read
+def _placed(source: TensorSource, name: str | list[str], transpose: bool, shape: tuple[int, ...],
+            sharding: jax.sharding.Sharding, dtype: Any) -> jax.Array:
+    """Tensor ``name`` (or the tensors ``name`` lists, stacked along a new first axis: the layers of
+    a scanned stack) as an array of ``shape`` with ``sharding``: each device's slice is read
     (transposed from HF's (out, in) for kernels) and cast on its own, so no host or device holds
     more of the tensor than its shards."""
 
     read = {}  # devices that replicate a shard share one read of it
 
+    def one(name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return source.read(name, index[::-1]).T if transpose else source.read(name, index)
+
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in read:
-            value = source.read(name, index[::-1]).T if transpose else source.read(name, index)
+            value = one(name, index) if isinstance(name, str) else np.stack([one(n, index[1:]) for n in name[index[0]]])
             read[key] = np.array(value, dtype=dtype, order="C")  # a copy: never a view of a memory-mapped file
         return read[key]
 
@@ -87,6 +97,33 @@ def _placed(source: TensorSource, name: str, transpose: bool, shape: tuple[int, 
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF tensors stored unquantized: loaded as floats
+
+
+def _layer_paths(shapes: Mapping[Path, Any]) -> dict[Path, tuple[Path, int]]:
+    """``{path of layer i: (stacked path, i)}`` for the stacked params of a scanned model
+    (:mod:`flaxlora.models.scan`); empty for an unrolled one."""
+    return {tuple(str(i) if part == SCANNED else part for part in path): (path, i)
+            for path, shape in shapes.items() if SCANNED in path for i in range(shape.shape[0])}
+
+
+def _stacked(found: dict[Path, str], layers: Mapping[Path, tuple[Path, int]],
+             shapes: Mapping[Path, Any]) -> dict[Path, str | list[str]]:
+    """``found`` ({params path: tensor name}) with each scanned stack's layers gathered into
+    {stacked path: [name of layer 0, name of layer 1, ...]}."""
+    out, stacks = {}, {}
+    for path, name in found.items():
+        if path in layers:
+            stacked, i = layers[path]
+            stacks.setdefault(stacked, {})[i] = name
+        else:
+            out[path] = name
+    for stacked, names in stacks.items():
+        if len(names) != shapes[stacked].shape[0]:
+            absent = sorted(set(range(shapes[stacked].shape[0])) - set(names))
+            raise ValueError(f"{'/'.join(stacked)}: the checkpoint lacks layers {absent} of a scanned stack; "
+                             "load it without scan_layers")
+        out[stacked] = [names[i] for i in range(len(names))]
+    return out
 
 
 def params_from_hf(
@@ -129,21 +166,27 @@ def params_from_hf(
         placement = dict.fromkeys(shapes, device)
     else:
         placement = flatten_dict(shardings)
+    layers = _layer_paths(shapes)  # a scanned model: each layer's path -> (stacked path, layer)
+    if layers and quantize:
+        raise ValueError("a scanned model's layers are stacked as read: quantize them after loading, or load unscanned")
+    tensors = {p: tuple(s.shape) for p, s in shapes.items() if SCANNED not in p} | {
+        p: tuple(shapes[stacked].shape[1:]) for p, (stacked, _) in layers.items()}
     found, unused = {}, []
     for name, hf_shape in source.shapes().items():
-        path = _target(name, shapes, model.backbone)
+        path = _target(name, tensors, model.backbone)
         if path is None:
             if not name.endswith(_BUFFERS):
                 unused.append(name)
             continue
         ours = hf_shape[::-1] if path[-1] == "kernel" else hf_shape
-        expected = tuple(shapes[path].shape)
+        expected = tensors[path]
         if tuple(ours) != expected:
             raise ValueError(
                 f"Shape mismatch for checkpoint tensor {name!r} -> {'/'.join(path)}: checkpoint "
                 f"has {tuple(ours)} (in our (in, out) layout), the model expects {expected}."
             )
         found[path] = name
+    found = _stacked(found, layers, shapes)
     schemes = {path: quantize("/".join(path), tuple(shapes[path].shape)) if quantize else None for path in found}
     for path, name in found.items():  # every GGUF block type checked before any tensor is read
         kind = source.tensor_type(name) if schemes[path] == "gguf" else None

@@ -29,6 +29,7 @@ from flaxlora.models import (
     text_to_text_classifier,
 )
 from flaxlora.models.auto import Config
+from flaxlora.models.scan import scanned_config
 from flaxlora.quant.tree import OPTIONS, quantizable
 from flaxlora.training.sharding import param_shardings
 
@@ -156,6 +157,7 @@ def load_pretrained(
     revision: str | None = None,
     mesh: Mesh | None = None,
     remat: str = "none",
+    scan_layers: bool = False,
     quantize: str | None = None,
     quantize_skip: str | None = None,
 ) -> Pretrained:
@@ -177,6 +179,8 @@ def load_pretrained(
         its devices hold. Default: the whole model on the first local device.
       remat: activation checkpointing of each layer in training, "none" | "block" | "full"
         (:data:`flaxlora.models.layers.REMAT_POLICIES`).
+      scan_layers: the backbone's layers under ``nn.scan``, their params stacked
+        (:mod:`flaxlora.models.scan`; BERT/RoBERTa and Llama).
       quantize: store every 2-D kernel quantized (QLoRA; :mod:`flaxlora.quant`), each as it is read:
         ``"nf4"``, ``"nf4-dq"``, ``"int8"``, or ``"gguf"`` (a GGUF file's Q4_0/Q4_1/Q8_0 blocks as
         stored); ``quantize_skip``: a regex of params paths kept in float (what is trained in full).
@@ -184,10 +188,13 @@ def load_pretrained(
     Raises:
       FileNotFoundError: no such model, or a folder lacks config.json / weights.
       ValueError: unsupported architecture or tokenizer, a tensor shape mismatch, label words
-        for a model that is not T5, or a T5 checkpoint without its decoder.
+        for a model that is not T5, a T5 checkpoint without its decoder, or scan_layers for T5
+        or with quantize.
     """
     source = _open(name_or_path, revision)
     config = config_from_hf(source.config(), num_labels=len(label_words) if label_words else num_labels, remat=remat)
+    if scan_layers:
+        config = scanned_config(config, quantized=quantize is not None)
     tokenizer = _for_classification(source.tokenizer())
     if label_words:
         if isinstance(config, T5Config) and "lm_head.weight" in source.tensor_names():

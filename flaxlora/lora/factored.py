@@ -16,12 +16,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxlora import pytree
 from flaxlora.dropout import dropout
 from flaxlora.lora import variants
 from flaxlora.lora.adapters import adapters_by_path, path_key
 from flaxlora.lora.config import LoraConfig, first_match
+from flaxlora.models.scan import LORA_COLLECTIONS
 from flaxlora.pytree import PyTree
 from flaxlora.quant.dense import quantized_dense
+
+ADAPTERS, DROPOUT_KEYS = LORA_COLLECTIONS
 
 
 def _by_module_path(adapters: dict[str, Any]) -> dict[str, tuple[str, Any]]:
@@ -38,10 +42,8 @@ def _contracted_axes(module: nn.Module, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(ax % ndim for ax in axes))
 
 
-def _lora_output(module, x, y, adapter, path, config, rng):
+def _lora_output(module, x, y, adapter, path, config, key):
     """``y = module(x)`` plus the adapter's contribution (DoRA: rescaled per output unit)."""
-    if first_match(config.stack_axes, path, 0):
-        raise ValueError(f"{path!r}: stacked (scanned) targets are not supported on the factored path; use apply_lora")
     a, b = adapter["a"], adapter["b"]
     n_in = a.ndim - 1
     if _contracted_axes(module, x.ndim) != tuple(range(x.ndim - n_in, x.ndim)):
@@ -50,8 +52,8 @@ def _lora_output(module, x, y, adapter, path, config, rng):
     if config.rank_for(path) != a.shape[-1]:
         raise ValueError(f"{path!r}: adapter rank {a.shape[-1]} != configured rank {config.rank_for(path)}")
     h = x
-    if rng is not None and config.dropout > 0:
-        h = dropout(x, config.dropout, path_key(rng, path))
+    if key is not None and config.dropout > 0:
+        h = dropout(x, config.dropout, key)
     dtype = y.dtype
     delta = scale * jnp.tensordot(jnp.tensordot(h.astype(dtype), a.astype(dtype), n_in), b.astype(dtype), 1)
     if not config.use_dora:
@@ -65,33 +67,52 @@ def _lora_output(module, x, y, adapter, path, config, rng):
     return factor * (y - bias + delta) + bias
 
 
+def adapter_collections(lora_params: PyTree, config: LoraConfig, rng: jax.Array | None = None) -> dict[str, Any]:
+    """The variable collections that carry the adapters to their layers: ``"lora"`` holds each
+    adapter at its Dense module's path (``{..., "q_proj": {"kernel": {"a", "b"[, "magnitude"]}}}``)
+    and, given ``rng``, ``"lora_rng"`` its dropout key there. Being collections, they are sliced
+    layer by layer inside a scanned stack (``LoraConfig.stack_axes`` of 1: one key per layer)."""
+    adapters, keys = {}, {}
+    for module_path, (path, adapter) in _by_module_path(adapters_by_path(lora_params)).items():
+        n_stack = first_match(config.stack_axes, path, 0)
+        if n_stack > 1:
+            raise ValueError(f"{path!r}: {n_stack} stacked axes; the factored path applies one (a scanned stack)")
+        adapters[module_path] = adapter
+        if rng is not None:
+            key = path_key(rng, path)
+            keys[module_path] = jax.random.split(key, adapter["a"].shape[0]) if n_stack else key
+    collections = {ADAPTERS: pytree.unflatten(adapters)}
+    if keys:
+        collections[DROPOUT_KEYS] = pytree.unflatten(keys)
+    return collections
+
+
 @contextlib.contextmanager
-def lora_interceptor(
-    lora_params: PyTree, config: LoraConfig, *, rng: jax.Array | None = None
-) -> Iterator[set[str]]:
-    """Within this context, linen Dense/DenseGeneral layers with an adapter apply it factored.
+def lora_interceptor(lora_params: PyTree, config: LoraConfig) -> Iterator[set[str]]:
+    """Within this context, linen Dense/DenseGeneral layers that find an adapter in the ``"lora"``
+    collection (:func:`adapter_collections`, passed to ``apply`` with the params) apply it factored.
 
     Args:
       lora_params: the adapter tree (from :func:`flaxlora.init_lora` on the model's params).
       config: its LoraConfig.
-      rng: key for LoRA dropout (``config.dropout``); None for evaluation (no dropout).
 
     Yields the set of adapter paths applied so far (to check that every target was reached).
     """
-    adapters = _by_module_path(adapters_by_path(lora_params))
+    adapter_paths = {path: adapter_path for path, (adapter_path, _) in
+                     _by_module_path(adapters_by_path(lora_params)).items()}
     applied: set[str] = set()
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
             return next_fun(*args, **kwargs)
-        path = "/".join((*module.path, "kernel"))
-        if path not in adapters:
+        adapter = module.get_variable(ADAPTERS, "kernel")
+        if adapter is None:
             return next_fun(*args, **kwargs)
+        path = adapter_paths["/".join((*module.path, "kernel"))]
         applied.add(path)
         y = next_fun(*args, **kwargs)
-        adapter_path, adapter = adapters[path]
-        return _lora_output(module, args[0], y, adapter, adapter_path, config, rng)
+        return _lora_output(module, args[0], y, adapter, path, config, module.get_variable(DROPOUT_KEYS, "kernel"))
 
     with nn.intercept_methods(interceptor):
         yield applied
@@ -112,10 +133,11 @@ def apply_factored(
     Raises ValueError if some adapter was never reached (e.g. a target that is not a Dense kernel,
     such as an embedding table: use :func:`flaxlora.apply_lora` for those).
     """
+    collections = adapter_collections(lora_params, config, lora_rng)
     # LoRA's interceptor first: its call of the layer reaches the quantized one (QLoRA's x @ deq(W)).
-    with lora_interceptor(lora_params, config, rng=lora_rng) as applied, quantized_dense():
-        out = module.apply(variables, *args, **kwargs)
-    unreached = set(_by_module_path(adapters_by_path(lora_params))) - applied
+    with lora_interceptor(lora_params, config) as applied, quantized_dense():
+        out = module.apply({**variables, **collections}, *args, **kwargs)
+    unreached = {path for path, _ in _by_module_path(adapters_by_path(lora_params)).values()} - applied
     if unreached:
         raise ValueError(f"adapters never applied on the factored path (not Dense kernels?): {sorted(unreached)[:5]}")
     return out

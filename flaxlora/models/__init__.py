@@ -29,6 +29,7 @@ from flaxlora.models.partitioning import (
     init_params,
     logical_partition_specs,
 )
+from flaxlora.models.scan import scanned_config, stack_layers, unstack_layers
 from flaxlora.models.t5 import T5ForSequenceClassification, T5ForTextToText, T5Model
 
 __all__ = [
@@ -49,6 +50,9 @@ __all__ = [
     "init_params",
     "logical_partition_specs",
     "model_kind",
+    "scanned_config",
     "sequence_classifier",
+    "stack_layers",
     "text_to_text_classifier",
+    "unstack_layers",
 ]

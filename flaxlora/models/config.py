@@ -53,8 +53,9 @@ class BertConfig:
     num_labels: int = 2
     model_type: str = "bert"
     # Not from config.json: activation checkpointing per layer, "none" | "block" | "full"
-    # (flaxlora.models.layers.REMAT_POLICIES).
+    # (flaxlora.models.layers.REMAT_POLICIES); the layers under nn.scan (flaxlora.models.scan).
     remat: str = "none"
+    scan_layers: bool = False
 
     @property
     def is_roberta(self) -> bool:
@@ -113,8 +114,9 @@ class LlamaConfig:
     num_labels: int = 2
     model_type: str = "llama"
     # Not from config.json: activation checkpointing per layer, "none" | "block" | "full"
-    # (flaxlora.models.layers.REMAT_POLICIES).
+    # (flaxlora.models.layers.REMAT_POLICIES); the layers under nn.scan (flaxlora.models.scan).
     remat: str = "none"
+    scan_layers: bool = False
 
     @property
     def max_sequence_length(self) -> int:

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxlora.models.scan import LORA_COLLECTIONS, SCANNED
+
 Array = jax.Array
 Dtype = Any
 
@@ -174,7 +176,11 @@ class Block(nn.Module):
 class Stack(Block):
     """`config.num_hidden_layers` copies of `layer`, applied in turn, named '0', '1', ...
 
-    Mirrors Hugging Face's `nn.ModuleList` naming (`encoder.layer.3`, `model.layers.3`).
+    Mirrors Hugging Face's `nn.ModuleList` naming (`encoder.layer.3`, `model.layers.3`). With
+    `config.scan_layers`, one layer runs under `nn.scan` instead (compiled once, not once per
+    layer): its params are stacked under `scanned` with a leading `layers` axis
+    (:mod:`flaxlora.models.scan`), and so are the collections the factored LoRA path passes
+    (:data:`~flaxlora.models.scan.LORA_COLLECTIONS`).
     """
 
     layer: type[Block] = dataclasses.field(kw_only=True)
@@ -183,8 +189,16 @@ class Stack(Block):
     def __call__(self, x: Array, *args: Any) -> Array:
         """``x`` through every layer; ``args`` end with the ``deterministic`` flag."""
         layer = remat_layer(self.layer, self.config.remat, deterministic_argnum=len(args) + 1)
-        for i in range(self.config.num_hidden_layers):
-            x = layer(self.config, self.dtype, self.param_dtype, name=str(i))(x, *args)
+        n = self.config.num_hidden_layers
+        if not getattr(self.config, "scan_layers", False):
+            for i in range(n):
+                x = layer(self.config, self.dtype, self.param_dtype, name=str(i))(x, *args)
+            return x
+        scan = nn.scan(lambda module, carry, _: (module(carry, *args), None),
+                       variable_axes=dict.fromkeys(("params", *LORA_COLLECTIONS), 0),
+                       split_rngs={"params": True, "dropout": True}, length=n,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scan(layer(self.config, self.dtype, self.param_dtype, name=SCANNED), x, None)
         return x
 
 

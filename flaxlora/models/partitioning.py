@@ -18,6 +18,7 @@ Logical axes:
   head_count   one column per attention head (T5's relative position bias)
   token_types  token type embedding rows
   classes      classification labels
+  layers       the leading layer axis of a scanned stack's params (`flaxlora.models.scan`)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("head_count", None),
     ("token_types", None),
     ("classes", None),
+    ("layers", None),
 )
 
 

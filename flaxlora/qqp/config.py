@@ -20,10 +20,11 @@ MAX_STEPS = 2**31 - 1  # the step counter is int32
 # RunConfig.dtype -> the compute dtype of the model.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# Target regexes on '/'-joined parameter paths, for BERT/RoBERTa, Llama and T5 names alike
+# Target regexes on '/'-joined parameter paths, for BERT/RoBERTa, Llama and T5 names alike, unrolled
+# (layer/3/...) or scanned (layer/scanned/...: flaxlora.models.scan)
 # (T5: PEFT's q, v; all linear: q, k, v, o of self- and cross-attention, wi or wi_0/wi_1, wo).
 QV_TARGETS = r"(query|value|q_proj|v_proj)/kernel$|/(q|v)/kernel$"
-ALL_LINEAR_TARGETS = (r"(query|key|value|attention/output/dense|intermediate/dense|layer/\d+/output/dense"
+ALL_LINEAR_TARGETS = (r"(query|key|value|attention/output/dense|intermediate/dense|layer/[^/]+/output/dense"
                       r"|q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"
                       r"|/(q|k|v|o|wi|wi_0|wi_1|wo)/kernel$")
 # The same plus BERT's pooler (a dense layer between the encoder and the classifier).
@@ -93,6 +94,9 @@ class RunConfig:
     # Activation checkpointing per layer, "none" | "block" | "full" (REMAT_POLICIES), or "auto": "full"
     # where the mesh shards weights over fsdp (no layer's gathered weights kept for the backward pass).
     remat: str = "auto"
+    # The layers of the backbone under nn.scan (BERT/RoBERTa, Llama): compiled once instead of once per
+    # layer; params, adapters and checkpoints hold them stacked (flaxlora.models.scan).
+    scan_layers: bool = False
     # "factored": x@W + s (x@a)@b, no weight-sized gradient or copy (fastest, see README "Speed");
     # "merged": W + s a@b formed every step (also for targets that are not Dense kernels)
     lora_path: str = "factored"
@@ -135,6 +139,9 @@ class RunConfig:
         check_lora_path(self.lora_path, self.lora)
         if self.quantize is not None:
             self._check_quantize()
+        if self.scan_layers and (self.quantize or self.rank_budget):
+            raise ValueError(f"--scan-layers stacks every layer's weights and adapters alike: --"
+                             f"{'quantize' if self.quantize else 'rank-budget'} is not supported with it; drop one")
 
     def _check_quantize(self) -> None:
         if self.quantize not in QUANTIZE_OPTIONS:

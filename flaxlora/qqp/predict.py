@@ -28,6 +28,7 @@ from flaxlora.data.tokenize import encode_pairs, pair_format_for
 from flaxlora.loading import Pretrained, base_provenance, load_pretrained
 from flaxlora.loading.provenance import check_same_base
 from flaxlora.lora.adapters import merge_pretrained
+from flaxlora.models.scan import unstack_layers
 from flaxlora.qqp.config import DTYPES, RunConfig
 from flaxlora.quant.tree import dequantize
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
@@ -94,6 +95,12 @@ def load_base(meta: dict[str, Any]) -> tuple[RunConfig, Pretrained]:
     return run, dataclasses.replace(pretrained, params=params)
 
 
+def unrolled(trainable: dict[str, Any], run: RunConfig) -> dict[str, Any]:
+    """A run's trained tree in the unrolled layout that :func:`load_base`'s model, PEFT and merged
+    exports use (a ``--scan-layers`` run holds its layers stacked: :mod:`flaxlora.models.scan`)."""
+    return unstack_layers(trainable) if run.scan_layers else trainable
+
+
 def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 64) -> Predictor:
     """A :class:`Predictor` from a run's output folder or its ``checkpoints/`` folder.
 
@@ -104,6 +111,7 @@ def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 
     with Checkpointer(checkpoint_dir(path), read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference(step)
     run, pretrained = load_base(meta)
+    trainable = unrolled(trainable, run)
     params = jax.jit(lambda p, t: merge_pretrained(p, t["lora"], run.lora, t["extras"]))(pretrained.params, trainable)
     return Predictor(pretrained.model, params, pretrained.tokenizer, pair_format_for(pretrained.kind),
                      *_lengths(run, pretrained), batch_size)
@@ -149,7 +157,7 @@ def restore_ensemble(paths: Sequence[str | os.PathLike], step: int | None = None
     loaded = restored[0][1].get("base") or base_provenance(run.model)  # hashed again only if unrecorded
     for _, meta in restored[1:]:
         check_same_base(meta.get("base"), loaded)
-    adapters = jax.tree.map(lambda *x: jnp.stack(x), *[trainable for trainable, _ in restored])
+    adapters = jax.tree.map(lambda *x: jnp.stack(x), *[unrolled(trainable, r) for (trainable, _), r in zip(restored, runs)])
     apply = logits_fn(pretrained.model, run.lora)
 
     def forward(params, input_ids, attention_mask, token_type_ids):

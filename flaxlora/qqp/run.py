@@ -13,6 +13,7 @@ logs, checkpoints, evaluates and writes ``output_dir``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from flaxlora import training
+from flaxlora import pytree, training
 from flaxlora.data.batching import (
     TrainIterator,
     default_buckets,
@@ -35,9 +36,18 @@ from flaxlora.data.batching import (
 from flaxlora.data.tokenize import encode_pairs, pair_format_for
 from flaxlora.loading import base_provenance, is_gguf, load_config, load_pretrained
 from flaxlora.loading.provenance import check_same_base
+from flaxlora.lora.config import LoraConfig
 from flaxlora.lora.optim import lora_optimizer
 from flaxlora.lora.rank_allocation import allocate
 from flaxlora.lora.summary import summarize
+from flaxlora.lora.targets import resolve_targets, trainable_paths
+from flaxlora.models import init_params, sequence_classifier
+from flaxlora.models.scan import (
+    SCANNED,
+    SCANNED_STACK_AXES,
+    scanned_config,
+    unstack_layers,
+)
 from flaxlora.paths import as_path
 from flaxlora.qqp.config import DTYPES, MAX_STEPS, RunConfig
 from flaxlora.qqp.data import load_qqp
@@ -95,6 +105,38 @@ def check_hardware(run: RunConfig) -> jax.sharding.Mesh:
     return mesh
 
 
+def lora_config(run: RunConfig) -> LoraConfig:
+    """The run's LoraConfig as its model holds the targets: with one leading layer axis in a
+    scanned stack (``--scan-layers``). ``run.lora`` (saved, exported) names the unrolled layout."""
+    return run.lora.replace(stack_axes=SCANNED_STACK_AXES) if run.scan_layers else run.lora
+
+
+def check_scan_selection(run: RunConfig, config: Any) -> None:
+    """ValueError unless ``run.lora``'s targets and trained params, matched on the unrolled model,
+    are what they select on the scanned one (``config``) in every layer: a pattern naming a layer
+    index cannot pick some layers of a stack. Computed on shapes alone."""
+    scanned = jax.eval_shape(functools.partial(init_params, sequence_classifier(config)), jax.random.key(0))
+    unrolled = jax.eval_shape(unstack_layers, scanned)
+    shapes = pytree.flatten(scanned)
+
+    def selected(params: Any, lora: LoraConfig) -> set[str]:
+        found = set()
+        for select in (resolve_targets, trainable_paths):
+            try:
+                found |= set(select(params, lora))
+            except ValueError:  # a pattern that matches nothing (e.g. once the layers are stacked)
+                pass
+        return found
+
+    per_layer = {path.replace(f"/{SCANNED}/", f"/{i}/") for path in selected(scanned, lora_config(run))
+                 for i in range(shapes[path].shape[0] if f"/{SCANNED}/" in path else 1)}
+    expected = selected(unrolled, run.lora)
+    differ = sorted(per_layer ^ expected)
+    if differ:
+        raise ValueError(f"--scan-layers: the targets or trained-parameter patterns select {differ[0]} but not the "
+                         "same parameter of every other layer; use patterns without layer indices or drop --scan-layers")
+
+
 def remat_for(run: RunConfig, mesh: jax.sharding.Mesh) -> str:
     """The run's remat policy; ``"auto"``: ``"full"`` where weights are sharded over ``fsdp`` (each
     layer's gathered weights are then gathered again in the backward pass, not kept), else ``"none"``."""
@@ -104,12 +146,15 @@ def remat_for(run: RunConfig, mesh: jax.sharding.Mesh) -> str:
 
 
 def check_model(run: RunConfig) -> None:
-    """ValueError unless ``--max-length`` fits the model's positions (read from its config alone) and
-    ``--quantize gguf`` has a GGUF model."""
+    """ValueError unless ``--max-length`` fits the model's positions (read from its config alone),
+    ``--quantize gguf`` has a GGUF model and ``--scan-layers`` a model whose layers stack."""
     if run.quantize == "gguf" and not is_gguf(run.model):
         raise ValueError(f"--quantize gguf keeps a GGUF file's own blocks: {run.model} is not a GGUF model; "
                          "use --quantize nf4, nf4-dq or int8")
-    limit = getattr(load_config(run.model), "max_sequence_length", None)
+    config = load_config(run.model)
+    if run.scan_layers:
+        check_scan_selection(run, scanned_config(config))
+    limit = getattr(config, "max_sequence_length", None)
     if limit is not None and run.max_length > limit:
         raise ValueError(f"--max-length {run.max_length} exceeds the {limit} positions of {run.model}; "
                          f"use --max-length {limit} or less")
@@ -192,8 +237,8 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     log.info("%s\n%s", data.source, data.report.summary())
     pretrained = load_pretrained(run.model, num_labels=2, label_words=run.label_words, dtype=DTYPES[run.dtype],
                                  param_dtype=DTYPES[run.param_dtype], seed=run.seed, revision=base["revision"],
-                                 mesh=mesh, remat=remat_for(run, mesh), quantize=run.quantize,
-                                 quantize_skip=run.lora.trainable)  # each process reads only its devices' slices
+                                 mesh=mesh, remat=remat_for(run, mesh), scan_layers=run.scan_layers,
+                                 quantize=run.quantize, quantize_skip=run.lora.trainable)  # each process reads only its devices' slices
     buckets = run.buckets or default_buckets(run.max_length)
     splits = labelled_splits(data, run.eval_examples)
     encoded = {name: encode_split(s, pretrained, run) for name, s in splits.items()}
@@ -205,9 +250,10 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     schedule = training.learning_rate_schedule(run.learning_rate, total_steps, round(run.warmup_ratio * total_steps), run.decay)
     tx = lora_optimizer(schedule, loraplus_ratio=run.loraplus_ratio, weight_decay=run.weight_decay,
                         max_grad_norm=run.max_grad_norm)
-    state, frozen = training.init_train_state(pretrained.params, run.lora, tx, jax.random.key(run.seed), mesh)
+    lora = lora_config(run)
+    state, frozen = training.init_train_state(pretrained.params, lora, tx, jax.random.key(run.seed), mesh)
     pretrained = dataclasses.replace(pretrained, params=None)  # the frozen tree shares its arrays
-    apply = training.logits_fn(pretrained.model, run.lora, run.lora_path)
+    apply = training.logits_fn(pretrained.model, lora, run.lora_path)
     step_fn, _ = training.jit_train_step(
         apply, tx, mesh, state, frozen,
         training.StepOptions(accum_steps=run.accum_steps, label_smoothing=run.label_smoothing),
@@ -217,7 +263,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
         state, meta = ckpt.restore(state)
         resume_step = int(state.step)
         iterator.restore(meta["data"])
-    summary = summarize(frozen, state.trainable["lora"], run.lora, state.trainable["extras"])
+    summary = summarize(frozen, state.trainable["lora"], lora, state.trainable["extras"])
     log.info("\n%s", summary)
 
     writer = jax.process_index() == 0  # one host writes the logs, results and plot
