@@ -126,6 +126,8 @@ def run_config(args):
     run = PRESETS[args.preset].replace(dtype=args.dtype, batch_size=args.batch)
     if args.lora_path:
         run = run.replace(lora_path=args.lora_path)
+    if args.scan_layers:
+        run = run.replace(scan_layers=True)
     lora = run.lora
     if lora.targets is not None:
         if args.targets != "preset":
@@ -145,7 +147,7 @@ class Ours:
         from flaxlora import training
         from flaxlora.loading import load_pretrained
         from flaxlora.lora.optim import lora_optimizer
-        from flaxlora.qqp.run import DTYPES
+        from flaxlora.qqp.run import DTYPES, lora_config
         from flaxlora.training import sharding
         from flaxlora.training.evaluation import make_eval_step
         from flaxlora.training.metrics import weighted_cross_entropy
@@ -156,19 +158,20 @@ class Ours:
         train_batches, eval_batch, _ = load_batches(args.data, args.batch, args.eval_batch)
         mesh = sharding.make_mesh(None)
         pretrained = load_pretrained(args.model, dtype=DTYPES[run.dtype], mesh=mesh, quantize=args.quantize,
-                                     quantize_skip=run.lora.trainable)
+                                     quantize_skip=run.lora.trainable, scan_layers=run.scan_layers)
         model, params = pretrained.model, pretrained.params
         del pretrained
+        lora = lora_config(run)  # with the layer axis of a scanned stack
         tx = lora_optimizer(run.learning_rate, loraplus_ratio=run.loraplus_ratio, weight_decay=run.weight_decay,
                             max_grad_norm=run.max_grad_norm)
-        self.state, self.frozen = training.init_train_state(params, run.lora, tx, jax.random.key(0), mesh)
+        self.state, self.frozen = training.init_train_state(params, lora, tx, jax.random.key(0), mesh)
         del params
         self.step_fn, _ = training.jit_train_step(
-            training.logits_fn(model, run.lora, run.lora_path), tx, mesh, self.state, self.frozen)
+            training.logits_fn(model, lora, run.lora_path), tx, mesh, self.state, self.frozen)
         self.batches = [sharding.global_batch(b, mesh) for b in train_batches]
 
         def loss(trainable, batch):  # the honest work: gradients of the trainable tree only
-            logits = training.logits_fn(model, run.lora, "factored")(self.frozen, trainable, batch, jax.random.key(0))
+            logits = training.logits_fn(model, lora, "factored")(self.frozen, trainable, batch, jax.random.key(0))
             return weighted_cross_entropy(logits, batch["labels"], batch["weights"])[0]
 
         self.train_flops = dot_flops(jax.make_jaxpr(jax.grad(loss))(self.state.trainable, self.batches[0]).jaxpr)
@@ -177,7 +180,7 @@ class Ours:
         self.train(1)
         self.compile_s = time.perf_counter() - start
         self.train(args.warmup - 1)
-        apply = training.logits_fn(model, run.lora, run.lora_path)
+        apply = training.logits_fn(model, lora, run.lora_path)
         self.eval_logits = lambda params, batch: apply(*params, batch)
         self.eval_step = make_eval_step(self.eval_logits, mesh, jax.tree.map(lambda x: x.sharding,
                                                                             (self.frozen, self.state.trainable)))
@@ -221,6 +224,8 @@ class Ours:
             "eval_flops_per_pair": self.eval_flops,
             "compile_s": self.compile_s,
             "lora_path": self.run.lora_path,
+            "scan_layers": self.run.scan_layers,
+            "quantize": self.args.quantize,
             "trainable_params": sum(x.size for x in self.jax.tree.leaves(self.state.trainable)),
             "device": self.jax.devices()[0].device_kind,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -360,6 +365,10 @@ def side_args(args, side: str, data: Path) -> list[str]:
         argv += ["--rank", str(args.rank)]
     if args.lora_path:
         argv += ["--lora-path", args.lora_path]
+    if args.quantize:
+        argv += ["--quantize", args.quantize]
+    if args.scan_layers:
+        argv += ["--scan-layers"]
     if side == "peft":
         from flaxlora.loading.registry import known_models, resolve
 
@@ -463,7 +472,7 @@ def summary(r: dict) -> str:
     if "vs" in r:
         v, q = r["vs"], r["vs_ratios"]
         lines += [f"  vs ({v['flags'] or ''} {v['root'] or ''}): step {v['train_step_s']:.3f} s, eval {num(v['eval_pairs_per_s'])} pairs/s, "
-                  f"peak RSS {v['peak_rss_mb']:.0f} MiB, {v['lora_path']} path",
+                  f"peak RSS {v['peak_rss_mb']:.0f} MiB, {v['lora_path']} path, compile {v['compile_s']:.1f} s",
                   f"  ours / vs: step time {q['train_step']:.2f}x, eval throughput {num(q['eval_throughput'], '.2f')}x, "
                   f"peak RSS {q['peak_rss']:.2f}x"]
     return "\n".join(lines)
@@ -486,6 +495,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=TARGET_SETS, default="preset",
                    help="adapted layers: the preset's, query/value, or every linear layer of the blocks")
     p.add_argument("--lora-path", choices=("merged", "factored"), help="our train path (default: the preset's)")
+    p.add_argument("--scan-layers", action="store_true", help="our layers under nn.scan (compiled once, params stacked)")
     p.add_argument("--quantize", choices=QUANTIZE_OPTIONS,
                    help="QLoRA: our frozen kernels quantized (e.g. --vs='--quantize nf4' for the step-time ratio)")
     p.add_argument("--peer", choices=("peft",), help="also run PEFT + PyTorch on the same configuration")
