@@ -15,7 +15,7 @@ from safetensors import safe_open
 import flaxlora
 from flaxlora.interop.export import export
 from flaxlora.loading.convert import params_from_hf, to_hf
-from flaxlora.lora.factored import adapter_collections
+from flaxlora.lora.factored import adapter_collections, adapters_by_module
 from flaxlora.models import (
     BertConfig,
     LlamaConfig,
@@ -102,7 +102,7 @@ def test_lora_dropout_draws_one_key_per_layer_of_a_scanned_stack():
     _, scanned, _, stacked = stacked_params("llama")
     config = flaxlora.LoraConfig(rank=2, targets=r"q_proj/kernel$", stack_axes=SCANNED_STACK_AXES, dropout=0.5)
     lora = jax.tree.map(lambda x: x + 0.1, flaxlora.init_lora(stacked, config, jax.random.key(1)))  # b != 0
-    keys = flatten_dict(adapter_collections(lora, config, jax.random.key(2))["lora_rng"])
+    keys = flatten_dict(adapter_collections(adapters_by_module(lora), config, jax.random.key(2))["lora_rng"])
     (key,) = keys.values()
     data = np.asarray(jax.random.key_data(key))
     assert data.shape[0] == CONFIGS["llama"].num_hidden_layers and len({tuple(row) for row in data}) == data.shape[0]

@@ -18,7 +18,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flaxlora.models import init_params
-from flaxlora.models.scan import SCANNED
+from flaxlora.models.scan import SCANNED, layer_paths
 from flaxlora.quant.arrays import (
     GGUF_TYPES,
     from_gguf_blocks,
@@ -102,8 +102,8 @@ FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF tensors stored unquantized: loaded 
 def _layer_paths(shapes: Mapping[Path, Any]) -> dict[Path, tuple[Path, int]]:
     """``{path of layer i: (stacked path, i)}`` for the stacked params of a scanned model
     (:mod:`flaxlora.models.scan`); empty for an unrolled one."""
-    return {tuple(str(i) if part == SCANNED else part for part in path): (path, i)
-            for path, shape in shapes.items() if SCANNED in path for i in range(shape.shape[0])}
+    return {layer: (path, i) for path, shape in shapes.items() if SCANNED in path
+            for i, layer in enumerate(layer_paths(path, shape.shape))}
 
 
 def _stacked(found: dict[Path, str], layers: Mapping[Path, tuple[Path, int]],

@@ -28,10 +28,11 @@ from flaxlora.quant.dense import quantized_dense
 ADAPTERS, DROPOUT_KEYS = LORA_COLLECTIONS
 
 
-def _by_module_path(adapters: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+def adapters_by_module(lora_params: PyTree) -> dict[str, tuple[str, Any]]:
     """``{kernel path as the module sees it: (adapter path, adapter)}``: adapters made from a
     ``{"params": ...}`` variables dict carry that prefix, which module paths lack. The config is
     always consulted with the adapter path, as :func:`flaxlora.apply_lora` does."""
+    adapters = adapters_by_path(lora_params)
     strip = bool(adapters) and all(p.startswith("params/") for p in adapters)
     return {(p.removeprefix("params/") if strip else p): (p, a) for p, a in adapters.items()}
 
@@ -67,21 +68,23 @@ def _lora_output(module, x, y, adapter, path, config, key):
     return factor * (y - bias + delta) + bias
 
 
-def adapter_collections(lora_params: PyTree, config: LoraConfig, rng: jax.Array | None = None) -> dict[str, Any]:
-    """The variable collections that carry the adapters to their layers: ``"lora"`` holds each
-    adapter at its Dense module's path (``{..., "q_proj": {"kernel": {"a", "b"[, "magnitude"]}}}``)
-    and, given ``rng``, ``"lora_rng"`` its dropout key there. Being collections, they are sliced
-    layer by layer inside a scanned stack (``LoraConfig.stack_axes`` of 1: one key per layer)."""
-    adapters, keys = {}, {}
-    for module_path, (path, adapter) in _by_module_path(adapters_by_path(lora_params)).items():
+def adapter_collections(adapters: dict[str, tuple[str, Any]], config: LoraConfig,
+                        rng: jax.Array | None = None) -> dict[str, Any]:
+    """The variable collections that carry ``adapters`` (:func:`adapters_by_module`) to their
+    layers: ``"lora"`` holds each adapter at its Dense module's path (``{..., "q_proj": {"kernel":
+    {"a", "b"[, "magnitude"]}}}``) and, given ``rng``, ``"lora_rng"`` its dropout key there. Being
+    collections, they are sliced layer by layer inside a scanned stack (``LoraConfig.stack_axes``
+    of 1: one key per layer)."""
+    placed, keys = {}, {}
+    for module_path, (path, adapter) in adapters.items():
         n_stack = first_match(config.stack_axes, path, 0)
         if n_stack > 1:
             raise ValueError(f"{path!r}: {n_stack} stacked axes; the factored path applies one (a scanned stack)")
-        adapters[module_path] = adapter
+        placed[module_path] = adapter
         if rng is not None:
             key = path_key(rng, path)
             keys[module_path] = jax.random.split(key, adapter["a"].shape[0]) if n_stack else key
-    collections = {ADAPTERS: pytree.unflatten(adapters)}
+    collections = {ADAPTERS: pytree.unflatten(placed)}
     if keys:
         collections[DROPOUT_KEYS] = pytree.unflatten(keys)
     return collections
@@ -98,8 +101,14 @@ def lora_interceptor(lora_params: PyTree, config: LoraConfig) -> Iterator[set[st
 
     Yields the set of adapter paths applied so far (to check that every target was reached).
     """
-    adapter_paths = {path: adapter_path for path, (adapter_path, _) in
-                     _by_module_path(adapters_by_path(lora_params)).items()}
+    with _intercept(adapters_by_module(lora_params), config) as applied:
+        yield applied
+
+
+@contextlib.contextmanager
+def _intercept(adapters: dict[str, tuple[str, Any]], config: LoraConfig) -> Iterator[set[str]]:
+    """:func:`lora_interceptor` given its adapters by module path (:func:`adapters_by_module`)."""
+    adapter_paths = {path: adapter_path for path, (adapter_path, _) in adapters.items()}
     applied: set[str] = set()
 
     def interceptor(next_fun, args, kwargs, context):
@@ -133,11 +142,12 @@ def apply_factored(
     Raises ValueError if some adapter was never reached (e.g. a target that is not a Dense kernel,
     such as an embedding table: use :func:`flaxlora.apply_lora` for those).
     """
-    collections = adapter_collections(lora_params, config, lora_rng)
+    adapters = adapters_by_module(lora_params)
+    collections = adapter_collections(adapters, config, lora_rng)
     # LoRA's interceptor first: its call of the layer reaches the quantized one (QLoRA's x @ deq(W)).
-    with lora_interceptor(lora_params, config) as applied, quantized_dense():
+    with _intercept(adapters, config) as applied, quantized_dense():
         out = module.apply({**variables, **collections}, *args, **kwargs)
-    unreached = {path for path, _ in _by_module_path(adapters_by_path(lora_params)).values()} - applied
+    unreached = {path for path, _ in adapters.values()} - applied
     if unreached:
         raise ValueError(f"adapters never applied on the factored path (not Dense kernels?): {sorted(unreached)[:5]}")
     return out

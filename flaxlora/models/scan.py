@@ -9,6 +9,7 @@ between them.
 
     stack_layers(unrolled)       {"layer": {"0": {"w": (3,)}, "1": {"w": (3,)}}} -> {"layer": {"scanned": {"w": (2, 3)}}}
     unstack_layers(stacked)      the inverse
+    layer_paths(path, shape)     ("layer", "scanned", "w"), (2, 3) -> [("layer", "0", "w"), ("layer", "1", "w")]
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def unstack_layers(tree: Any) -> Any:
         n = len(jax.tree.leaves(stacked)[0])
         return {str(i): jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}
     return {k: unstack_layers(v) for k, v in tree.items()}
+
+
+def layer_paths(path: tuple[str, ...], shape: tuple[int, ...]) -> list[tuple[str, ...]]:
+    """The unrolled path of each layer's slice of the param at ``path`` (``(..., "scanned", ...)``,
+    of ``shape``: layers on its leading axis), ``(..., "0", ...)``, ``(..., "1", ...)``, in layer
+    order; ``[path]`` for a param outside a scanned stack."""
+    if SCANNED not in path:
+        return [path]
+    return [tuple(str(i) if part == SCANNED else part for part in path) for i in range(shape[0])]
 
 
 def scanned_config(config: Any, *, quantized: bool = False) -> Any:

@@ -43,8 +43,8 @@ from flaxlora.lora.summary import summarize
 from flaxlora.lora.targets import resolve_targets, trainable_paths
 from flaxlora.models import init_params, sequence_classifier
 from flaxlora.models.scan import (
-    SCANNED,
     SCANNED_STACK_AXES,
+    layer_paths,
     scanned_config,
     unstack_layers,
 )
@@ -128,8 +128,8 @@ def check_scan_selection(run: RunConfig, config: Any) -> None:
                 pass
         return found
 
-    per_layer = {path.replace(f"/{SCANNED}/", f"/{i}/") for path in selected(scanned, lora_config(run))
-                 for i in range(shapes[path].shape[0] if f"/{SCANNED}/" in path else 1)}
+    per_layer = {"/".join(layer) for path in selected(scanned, lora_config(run))
+                 for layer in layer_paths(tuple(path.split("/")), shapes[path].shape)}
     expected = selected(unrolled, run.lora)
     differ = sorted(per_layer ^ expected)
     if differ:
