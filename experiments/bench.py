@@ -47,6 +47,7 @@ from pathlib import Path
 
 PRESETS = ("lora", "enhanced", "full")
 QUANTIZE_OPTIONS = ("nf4", "nf4-dq", "int8", "gguf")  # flaxlora.quant.tree.OPTIONS (this parent process imports no jax)
+REMAT_POLICIES = ("none", "block", "full")  # flaxlora.models.layers.REMAT_POLICIES
 TARGET_SETS = ("preset", "qv", "all")
 
 
@@ -128,6 +129,8 @@ def run_config(args):
         run = run.replace(lora_path=args.lora_path)
     if args.scan_layers:
         run = run.replace(scan_layers=True)
+    if args.remat:
+        run = run.replace(remat=args.remat)
     lora = run.lora
     if lora.targets is not None:
         if args.targets != "preset":
@@ -147,7 +150,7 @@ class Ours:
         from flaxlora import training
         from flaxlora.loading import load_pretrained
         from flaxlora.lora.optim import lora_optimizer
-        from flaxlora.qqp.run import DTYPES, lora_config
+        from flaxlora.qqp.run import DTYPES, lora_config, remat_for
         from flaxlora.training import sharding
         from flaxlora.training.evaluation import make_eval_step
         from flaxlora.training.metrics import weighted_cross_entropy
@@ -158,7 +161,8 @@ class Ours:
         train_batches, eval_batch, _ = load_batches(args.data, args.batch, args.eval_batch)
         mesh = sharding.make_mesh(None)
         pretrained = load_pretrained(args.model, dtype=DTYPES[run.dtype], mesh=mesh, quantize=args.quantize,
-                                     quantize_skip=run.lora.trainable, scan_layers=run.scan_layers)
+                                     quantize_skip=run.lora.trainable, scan_layers=run.scan_layers,
+                                     remat=remat_for(run, mesh))
         model, params = pretrained.model, pretrained.params
         del pretrained
         lora = lora_config(run)  # with the layer axis of a scanned stack
@@ -369,6 +373,8 @@ def side_args(args, side: str, data: Path) -> list[str]:
         argv += ["--quantize", args.quantize]
     if args.scan_layers:
         argv += ["--scan-layers"]
+    if args.remat:
+        argv += ["--remat", args.remat]
     if side == "peft":
         from flaxlora.loading.registry import known_models, resolve
 
@@ -496,6 +502,8 @@ def parser() -> argparse.ArgumentParser:
                    help="adapted layers: the preset's, query/value, or every linear layer of the blocks")
     p.add_argument("--lora-path", choices=("merged", "factored"), help="our train path (default: the preset's)")
     p.add_argument("--scan-layers", action="store_true", help="our layers under nn.scan (compiled once, params stacked)")
+    p.add_argument("--remat", choices=REMAT_POLICIES,
+                   help="our activation checkpointing per layer (default: the run's, none on one device)")
     p.add_argument("--quantize", choices=QUANTIZE_OPTIONS,
                    help="QLoRA: our frozen kernels quantized (e.g. --vs='--quantize nf4' for the step-time ratio)")
     p.add_argument("--peer", choices=("peft",), help="also run PEFT + PyTorch on the same configuration")

@@ -8,7 +8,13 @@
     interop/    PEFT adapters both ways, merged Hugging Face export, ``python -m flaxlora.export``
     quant/      QLoRA: frozen weights as NF4 / int8 / GGUF blocks, Dense layers computing on them
     qqp/        the QQP application: data, run config and presets, run loop, predictor, baselines
+
+Importing flaxlora adds its default XLA flags to ``XLA_FLAGS`` (:mod:`flaxlora.xla_flags`).
 """
+
+from flaxlora import xla_flags
+
+xla_flags.set_defaults()  # before any JAX computation: XLA reads XLA_FLAGS when its first backend starts
 
 from flaxlora.data import TrainIterator, default_buckets, encode_pairs, eval_batches
 from flaxlora.lora import (

@@ -9,11 +9,18 @@ import bench  # experiments/ (on sys.path: conftest.py)
 def test_every_flag_of_our_side_reaches_its_process():
     base = ["--preset", "enhanced", "--rank", "16", "--lora-path", "merged", "--batch", "8", "--seq-len", "64"]
     ours = bench.parser().parse_args(base)
-    vs = bench.parser().parse_args([*base, *shlex.split("--quantize nf4 --scan-layers")])  # as main() builds --vs
+    vs = bench.parser().parse_args([*base, *shlex.split("--quantize nf4 --scan-layers --remat block")])  # as main() builds --vs
     for side in (ours, vs):
         argv = bench.side_args(side, "ours", pathlib.Path("batches.npz"))
         parsed = bench.parser().parse_args(argv[2:])
-        for name in ("model", "preset", "rank", "lora_path", "quantize", "scan_layers", "batch", "seq_len", "dtype",
+        for name in ("model", "preset", "rank", "lora_path", "quantize", "scan_layers", "remat", "batch", "seq_len", "dtype",
                      "targets", "warmup", "eval_batch", "eval_batches"):
             assert getattr(parsed, name) == getattr(side, name), name
-    assert vs.quantize == "nf4" and vs.scan_layers
+    assert vs.quantize == "nf4" and vs.scan_layers and vs.remat == "block"
+
+
+def test_option_lists_match_the_library():  # bench's parent process imports no jax, so it keeps copies
+    from flaxlora.models.layers import REMAT_POLICIES
+    from flaxlora.quant.tree import OPTIONS
+
+    assert bench.REMAT_POLICIES == tuple(REMAT_POLICIES) and bench.QUANTIZE_OPTIONS == tuple(OPTIONS)
