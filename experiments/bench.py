@@ -461,6 +461,16 @@ def measure(args) -> dict:
     return result
 
 
+def measure_ours(**options) -> dict:
+    """``measure`` of our side alone, with bench.py's options as keywords: ``seq_len=64`` for
+    ``--seq-len 64``, True for a bare flag, None or False to leave an option out."""
+    argv = []
+    for name, value in options.items():
+        if value is not None and value is not False:
+            argv += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return measure(parser().parse_args(argv))
+
+
 def summary(r: dict) -> str:
     c = r["config"]
     num = lambda x, spec=".1f": "-" if x is None else format(x, spec)  # eval figures: None without evaluation

@@ -17,8 +17,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 import bench
 
 CANDIDATES = ((32, 64, 96, 128), (24, 32, 48, 64, 128), (24, 32, 40, 48, 64, 128),
@@ -26,9 +24,7 @@ CANDIDATES = ((32, 64, 96, 128), (24, 32, 48, 64, 128), (24, 32, 40, 48, 64, 128
 
 
 def step_time(preset: str, batch: int, length: int, steps: int) -> dict:
-    args = bench.parser().parse_args(["--preset", preset, "--batch", str(batch), "--seq-len", str(length),
-                                      "--steps", str(steps), "--warmup", "2", "--rounds", "1", "--eval-batches", "0"])
-    r = bench.measure(args)
+    r = bench.measure_ours(preset=preset, batch=batch, seq_len=length, steps=steps, warmup=2, rounds=1, eval_batches=0)
     return {"train_step_s": r["train_step_s"], "compile_s": r["compile_s"], "gflops_per_s": r["flops_per_s"] / 1e9}
 
 
@@ -67,6 +63,9 @@ def main() -> None:
     p.add_argument("--steps-per-run", type=int, default=960, help="the run's optimizer steps (default run: 960)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    unmeasured = sorted({b for buckets in CANDIDATES for b in buckets} - set(args.lengths))
+    if unmeasured:
+        p.error(f"--lengths lacks the candidate bucket lengths {unmeasured}: add them (each bucket's step is measured)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "buckets.json"
@@ -76,14 +75,12 @@ def main() -> None:
             measured[length] = step_time(args.preset, args.batch, length, args.steps)
             print(f"S{length}: {measured[length]['train_step_s']:.3f} s/step", flush=True)
             saved.write_text(json.dumps({"preset": args.preset, "batch": args.batch, "step_times": measured}, indent=2))
-    xs = sorted(measured)
-    seconds = lambda s: float(np.interp(s, xs, [measured[x]["train_step_s"] for x in xs]))  # noqa: E731
     rows, encoded = [], train_pairs()
     for buckets in CANDIDATES:
         padded, real = replay(encoded, args.batch, args.seed, args.steps_per_run, buckets)
-        rows.append({"buckets": list(buckets), "train_s": sum(seconds(s) for s in padded),
+        rows.append({"buckets": list(buckets), "train_s": sum(measured[s]["train_step_s"] for s in padded),
                      "real_share": real / (sum(padded) * args.batch),
-                     "compile_s": sum(measured[b]["compile_s"] for b in buckets if b in measured)})
+                     "compile_s": sum(measured[b]["compile_s"] for b in buckets)})
     lines = [f"{args.preset}, batch {args.batch}, {args.steps_per_run} steps, seed {args.seed}",
              "", "| buckets | real tokens / padded positions | steady training s | compile s (sum over buckets) |",
              "| --- | --- | --- | --- |"]

@@ -46,16 +46,8 @@ def points(grids: dict) -> list[dict]:
 
 
 def measure(point: dict, steps: int) -> dict:
-    argv = ["--model", point["model"], "--preset", point["preset"], "--batch", str(point["batch"]),
-            "--seq-len", str(point["seq_len"]), "--targets", point["targets"], "--steps", str(steps),
-            "--warmup", "1", "--rounds", "1", "--eval-batches", "0"]
-    if point["rank"]:
-        argv += ["--rank", str(point["rank"])]
-    if point["scan_layers"]:
-        argv += ["--scan-layers"]
-    args = bench.parser().parse_args(argv)
-    args.vs = None
-    r = bench.measure(args)
+    r = bench.measure_ours(**{k: point[k] for k in ("model", "preset", "batch", "seq_len", "targets", "rank", "scan_layers")},
+                           steps=steps, warmup=1, rounds=1, eval_batches=0)
     return {**point, "train_step_s": r["train_step_s"], "peak_rss_mb": r["peak_rss_mb"],
             "tokens_per_s": point["batch"] * point["seq_len"] / r["train_step_s"],
             "trainable_params": r["trainable_params"], "gflops_per_s": r["flops_per_s"] / 1e9,

@@ -24,3 +24,12 @@ def test_option_lists_match_the_library():  # bench's parent process imports no 
     from flaxlora.quant.tree import OPTIONS
 
     assert bench.REMAT_POLICIES == tuple(REMAT_POLICIES) and bench.QUANTIZE_OPTIONS == tuple(OPTIONS)
+
+
+def test_measure_ours_turns_keywords_into_bench_options(monkeypatch):
+    monkeypatch.setattr(bench, "measure", lambda args: args)
+    args = bench.measure_ours(preset="enhanced", seq_len=64, batch=8, rank=None, scan_layers=True, remat=False,
+                              eval_batches=0)
+    assert (args.preset, args.seq_len, args.batch, args.rank, args.scan_layers, args.remat, args.eval_batches) == \
+        ("enhanced", 64, 8, None, True, None, 0)
+    assert args.peer is None and args.vs is None  # our side alone
