@@ -291,7 +291,8 @@ class Peft:
                     p.requires_grad_(True)
         self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.trainable, lr=5e-5 if args.preset == "full" else 5e-4, weight_decay=0.01)
+        self.opt = torch.optim.AdamW(self.trainable, lr=1e-4 if args.preset == "full" else 5e-4,  # the presets'
+                                     weight_decay=0.01)
         self.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
         def tensors(batch):

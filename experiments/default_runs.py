@@ -8,7 +8,7 @@ qqp.py flags on top of the default preset. Each (variant, seed) runs ``experimen
 own process into OUT/<variant>-s<seed>/ (kept: results.json and metrics.jsonl); finished runs are
 skipped, so an interrupted table resumes. Writes OUT/table.md and OUT/table.json: mean and
 standard deviation over the seeds of held-out test accuracy, F1 and MCC, validation MCC, train and
-wall seconds, peak RSS, the trainable share, and each run's own figures.
+wall seconds; the steps, peak RSS, the trainable share, and each run's own figures.
 """
 
 from __future__ import annotations
@@ -50,21 +50,21 @@ def table(out: Path, variants: dict[str, list[str]], seeds: list[int]) -> dict:
             "steps": runs[0]["steps"],
             "train_seconds": mean_std([r["train_seconds"] for r in runs]),
             "wall_seconds": mean_std([r["wall_seconds"] for r in runs]),
-            "peak_rss_MiB": max(r.get("peak_rss_MiB", float("nan")) for r in runs),
+            "peak_rss_MiB": max((r["peak_rss_MiB"] for r in runs if "peak_rss_MiB" in r), default=float("nan")),
         }
     return {"command": shlex.join(sys.argv), "runs": rows}
 
 
 def markdown(result: dict) -> str:
     pm = lambda s, digits=4: f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"  # noqa: E731
-    lines = ["| run (qqp.py flags) | seeds | trainable | test accuracy | test F1 | test MCC | val MCC | "
-             "test MCC per seed | train s | peak RSS MiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run (qqp.py flags) | seeds | trainable | steps | test accuracy | test F1 | test MCC | val MCC | "
+             "test MCC per seed | train s | wall s | peak RSS MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in result["runs"].items():
         lines.append(f"| {name} (`{r['flags']}`) | {', '.join(map(str, r['seeds']))} | {r['trainable_percent']:.2f}% | "
-                     f"{pm(r['test_accuracy'])} | {pm(r['test_f1'])} | {pm(r['test_mcc'])} | {pm(r['validation_mcc'])} | "
+                     f"{r['steps']} | {pm(r['test_accuracy'])} | {pm(r['test_f1'])} | {pm(r['test_mcc'])} | {pm(r['validation_mcc'])} | "
                      f"{', '.join(f'{m:.4f}' for m in r['test_mcc_per_seed'])} | {pm(r['train_seconds'], 0)} | "
-                     f"{r['peak_rss_MiB']:.0f} |")
+                     f"{pm(r['wall_seconds'], 0)} | {r['peak_rss_MiB']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -49,8 +49,14 @@ def test_runs_what_is_missing_and_tables_the_seeds_that_finished(default_runs, t
     enhanced = result["runs"]["enhanced"]
     assert enhanced["test_mcc"]["mean"] == pytest.approx(0.61) and enhanced["test_mcc"]["std"] == pytest.approx(0.01)
     assert enhanced["validation_mcc"]["mean"] == pytest.approx(0.62) and enhanced["seeds"] == [0, 1, 2]
+    assert result["runs"]["nf4"]["peak_rss_MiB"] == 4000.0
     (tmp_path / "nf4-s2" / "results.json").unlink()
+    older = fake_results(0.6)  # a run from before results.json recorded the peak RSS
+    del older["peak_rss_MiB"]
+    (tmp_path / "nf4-s0" / "results.json").write_text(json.dumps(older))
     partial = default_runs.main(["--variants", "enhanced", "nf4=--quantize nf4", "--output-dir", str(tmp_path),
                                  "--table-only"])
     assert partial["runs"]["nf4"]["seeds"] == [0, 1] and len(commands) == 5
-    assert "| nf4 (`--quantize nf4`) | 0, 1 |" in (tmp_path / "table.md").read_text()
+    assert partial["runs"]["nf4"]["peak_rss_MiB"] == 4000.0  # the peak of the runs that recorded one
+    assert "| nf4 (`--quantize nf4`) | 0, 1 | 1.60% | 960 |" in (tmp_path / "table.md").read_text()
+    assert "| 900 ± 0 | 1000 ± 0 | 4000 |" in (tmp_path / "table.md").read_text()  # train s, wall s, peak RSS
