@@ -28,14 +28,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(processes: int, args: list[str], timeout: int = 900) -> list[str]:
-    """Run experiments/qqp.py as ``processes`` processes sharing 8 CPU devices; their outputs."""
+def launch(processes: int, args: list[str], timeout: int = 900, script=lambda i: SCRIPT) -> list[str]:
+    """Run experiments/qqp.py (or ``script(i)`` as process i) as ``processes`` processes sharing 8 CPU
+    devices; their outputs."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
     port = free_port()
     cluster = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),  # noqa: E731
                          "--process-id", str(i)] if processes > 1 else []
-    procs = [subprocess.Popen([sys.executable, str(SCRIPT), *args, *cluster(i)], env=env, text=True,
+    procs = [subprocess.Popen([sys.executable, str(script(i)), *args, *cluster(i)], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(processes)]
     try:
         outputs = [p.communicate(timeout=timeout)[0] for p in procs]
@@ -73,6 +74,26 @@ def test_two_processes_train_like_one(data_dir, tmp_path, mesh, lora_path):
     # The checkpoint both processes wrote restores in this single process, like the 1-process run's.
     np.testing.assert_allclose(flaxlora.restore(two).logits(*PAIRS), flaxlora.restore(one).logits(*PAIRS),
                                rtol=1e-4, atol=1e-5)
+
+
+LATE = """import runpy, sys, time
+import flaxlora.qqp.run as run
+check_model = run.check_model
+def late(config):  # this process reaches the output-folder check after the others have started writing
+    time.sleep(8)
+    check_model(config)
+run.check_model = late
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_a_slow_process_sees_the_output_folder_as_the_others_did(data_dir, tmp_path):
+    late = tmp_path / "late.py"
+    late.write_text(LATE.format(script=str(SCRIPT)))
+    launch(2, run_args(data_dir, tmp_path / "out", "data=2,fsdp=4", "factored", 1),
+           script=lambda i: late if i == 1 else SCRIPT)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["steps"] == 1
 
 
 def test_a_dcn_axis_across_processes_trains_like_one_mesh(data_dir, tmp_path):

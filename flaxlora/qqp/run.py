@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from flaxlora import pytree, training
 from flaxlora.data.batching import (
@@ -231,6 +232,8 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     started = time.perf_counter()
     out = as_path(output_dir)
     run, mesh, data, base = preflight(run, out, resume)
+    if jax.process_count() > 1:  # every process has looked at the output folder before process 0 writes to it
+        multihost_utils.sync_global_devices("flaxlora.qqp.run: preflight done")
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(out / "checkpoints", max_to_keep=run.keep_checkpoints)
     resume_step = ckpt.latest_step() if resume else None
