@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 PRESETS = ("lora", "enhanced", "full")
+LEARNING_RATES = {"lora": 5e-4, "enhanced": 5e-4, "full": 1e-4}  # of flaxlora.qqp.config.PRESETS, for PEFT's AdamW
 QUANTIZE_OPTIONS = ("nf4", "nf4-dq", "int8", "gguf")  # flaxlora.quant.tree.OPTIONS (this parent process imports no jax)
 REMAT_POLICIES = ("none", "block", "full")  # flaxlora.models.layers.REMAT_POLICIES
 TARGET_SETS = ("preset", "qv", "all")
@@ -291,8 +292,7 @@ class Peft:
                     p.requires_grad_(True)
         self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.trainable, lr=1e-4 if args.preset == "full" else 5e-4,  # the presets'
-                                     weight_decay=0.01)
+        self.opt = torch.optim.AdamW(self.trainable, lr=LEARNING_RATES[args.preset], weight_decay=0.01)
         self.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
         def tensors(batch):

@@ -21,9 +21,11 @@ def test_every_flag_of_our_side_reaches_its_process():
 
 def test_option_lists_match_the_library():  # bench's parent process imports no jax, so it keeps copies
     from flaxlora.models.layers import REMAT_POLICIES
+    from flaxlora.qqp.config import PRESETS
     from flaxlora.quant.tree import OPTIONS
 
     assert bench.REMAT_POLICIES == tuple(REMAT_POLICIES) and bench.QUANTIZE_OPTIONS == tuple(OPTIONS)
+    assert bench.LEARNING_RATES == {name: PRESETS[name].learning_rate for name in bench.PRESETS}
 
 
 def test_measure_ours_turns_keywords_into_bench_options(monkeypatch):
