@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 PRESETS = ("lora", "enhanced", "full")
-LEARNING_RATES = {"lora": 5e-4, "enhanced": 5e-4, "full": 1e-4}  # of flaxlora.qqp.config.PRESETS, for PEFT's AdamW
+LEARNING_RATES = {"lora": 5e-4, "enhanced": 5e-4, "full": 5e-5}  # of flaxlora.qqp.config.PRESETS, for PEFT's AdamW
 QUANTIZE_OPTIONS = ("nf4", "nf4-dq", "int8", "gguf")  # flaxlora.quant.tree.OPTIONS (this parent process imports no jax)
 REMAT_POLICIES = ("none", "block", "full")  # flaxlora.models.layers.REMAT_POLICIES
 TARGET_SETS = ("preset", "qv", "all")
