@@ -1,5 +1,6 @@
-"""The committed ablation tables agree with their per-run results and with the README."""
+"""The committed result tables agree with their per-run results, the presets and the README."""
 
+import dataclasses
 import json
 import pathlib
 
@@ -7,10 +8,13 @@ import numpy as np
 import pytest
 
 import ablation  # experiments/ (on sys.path: conftest.py)
+import default_runs
+from flaxlora.qqp.config import PRESETS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TABLES = sorted((ROOT / "experiments" / "results").glob("ablation-*/table.json"))
+PRESET_RUNS = ROOT / "experiments" / "results" / "presets"  # links to the runs README's default-run table shows
 
 
 def test_some_ablation_table_is_committed():
@@ -34,3 +38,21 @@ def test_table_is_the_mean_of_its_runs_and_matches_markdown_and_readme(path):
     for line in markdown.splitlines()[2:]:
         assert line in readme, f"README lacks the {path.parent.name} row {line[:60]!r}"
     assert table["command"] in readme
+
+
+@pytest.mark.parametrize("preset", default_runs.PRESETS)
+def test_the_default_run_table_shows_runs_of_the_presets_as_they_ship(preset):
+    for seed in (0, 1, 2):
+        run = json.loads((PRESET_RUNS / f"{preset}-s{seed}" / "results.json").read_text())["run"]
+        shipped = json.loads(json.dumps(dataclasses.replace(PRESETS[preset], seed=seed).to_dict()))
+        changed = {k: (run.get(k), v) for k, v in shipped.items() if run.get(k) != v}
+        assert not changed, f"presets/{preset}-s{seed} was run with (run, preset now): {changed}"
+
+
+def test_readme_shows_the_presets_table_as_committed():
+    table = json.loads((PRESET_RUNS / "table.json").read_text())
+    markdown = default_runs.markdown(table)
+    assert (PRESET_RUNS / "table.md").read_text() == markdown
+    readme = (ROOT / "README.md").read_text()
+    for line in markdown.splitlines()[2:]:
+        assert line in readme, f"README lacks the presets row {line[:60]!r}"
