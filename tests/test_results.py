@@ -32,12 +32,8 @@ def test_table_is_the_mean_of_its_runs_and_matches_markdown_and_readme(path):
         assert {r["steps"] for r in runs} == {row["steps"]}, f"{name}: arms must share the step budget"
         assert {r["arm"] for r in runs} == {name}
     assert len({row["steps"] for row in table["arms"].values()}) == 1
-    markdown = ablation.markdown(table)
-    assert (path.parent / "table.md").read_text() == markdown
-    readme = (ROOT / "README.md").read_text()
-    for line in markdown.splitlines()[2:]:
-        assert line in readme, f"README lacks the {path.parent.name} row {line[:60]!r}"
-    assert table["command"] in readme
+    assert_committed_and_in_readme(path.parent, ablation.markdown(table))
+    assert table["command"] in (ROOT / "README.md").read_text()
 
 
 @pytest.mark.parametrize("preset", default_runs.PRESETS)
@@ -50,9 +46,12 @@ def test_the_default_run_table_shows_runs_of_the_presets_as_they_ship(preset):
 
 
 def test_readme_shows_the_presets_table_as_committed():
-    table = json.loads((PRESET_RUNS / "table.json").read_text())
-    markdown = default_runs.markdown(table)
-    assert (PRESET_RUNS / "table.md").read_text() == markdown
+    assert_committed_and_in_readme(PRESET_RUNS, default_runs.markdown(json.loads((PRESET_RUNS / "table.json").read_text())))
+
+
+def assert_committed_and_in_readme(folder, markdown):
+    """FOLDER/table.md is ``markdown`` (the table its table.json makes), and README shows every row."""
+    assert (folder / "table.md").read_text() == markdown
     readme = (ROOT / "README.md").read_text()
     for line in markdown.splitlines()[2:]:
-        assert line in readme, f"README lacks the presets row {line[:60]!r}"
+        assert line in readme, f"README lacks the {folder.name} row {line[:60]!r}"
