@@ -18,19 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flaxlora.qqp.baselines import scores
 from flaxlora.qqp.config import RunConfig
 from flaxlora.qqp.data import load_qqp
+from flaxlora.qqp.ensemble import score
 from flaxlora.qqp.predict import restore, restore_ensemble
 from flaxlora.qqp.run import labelled_splits
-
-
-def evaluate(predictor, splits) -> dict[str, dict[str, float]]:
-    out = {}
-    for name, split in splits.items():
-        proba = predictor.predict_proba(split.question1, split.question2)
-        out[name] = scores(split.labels, (proba >= 0.5).astype(int), proba)
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,8 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_qqp(run.data_dir, from_hub=run.from_hub)
     splits = {k: v for k, v in labelled_splits(data, run.eval_examples).items() if k in ("validation", "test")}
     result = {"command": shlex.join(["python", "experiments/ensemble.py", *(argv or sys.argv[1:])]),
-              "runs": {path: evaluate(restore(path), splits) for path in args.runs}}
-    result["ensemble"] = evaluate(restore_ensemble(args.runs), splits)
+              "runs": {path: score(restore(path), splits) for path in args.runs}}
+    result["ensemble"] = score(restore_ensemble(args.runs), splits)
     rows = [*result["runs"].items(), ("ensemble of the above", result["ensemble"])]
     print("| run | " + " | ".join(f"{s} acc | {s} F1 | {s} MCC" for s in splits) + " |")
     print("| --- |" + " --- | --- | --- |" * len(splits))

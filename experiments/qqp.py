@@ -75,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input")
     p.add_argument("--rank-budget", type=int, help="importance-based rank allocation: total LoRA rank spread "
                                                    "over the targets by gradient spectra before training")
+    p.add_argument("--members", type=int,
+                   help="an ensemble: train K adapters one after another on the one frozen base (seeds K*seed+i) "
+                        "and average their class probabilities; OUT/members/i are the members' runs")
     p.add_argument("--max-skipped-steps", type=int,
                    help="stop the run after this many updates in a row skipped for a non-finite loss or "
                         "gradient (default 5); skipped updates leave the weights unchanged")

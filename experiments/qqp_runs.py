@@ -19,8 +19,8 @@ def run_qqp(flags: list[str], seed: int, out: Path) -> dict[str, Any]:
     """results.json of ``qqp.py FLAGS --seed SEED --output-dir OUT``, run first unless it is there."""
     if not (out / "results.json").exists():
         command = [sys.executable, str(QQP), *flags, "--seed", str(seed), "--output-dir", str(out), "--quiet"]
-        if (out / "checkpoints").is_dir():
-            command.append("--resume")  # an interrupted run continues where it stopped
+        if (out / "checkpoints").is_dir() or (out / "members").is_dir():
+            command.append("--resume")  # an interrupted run (or ensemble) continues where it stopped
         print("+", shlex.join(command), flush=True)
         subprocess.run(command, check=True)
     return json.loads((out / "results.json").read_text())

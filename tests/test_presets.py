@@ -22,10 +22,24 @@ def test_presets_round_trip_through_json_dicts():
     (dict(eval_batch_size=0), "eval_batch_size must be >= 1"),
     (dict(max_skipped_steps=0), "max_skipped_steps must be >= 1"),
     (dict(lora=RunConfig().lora.replace(dropout=0.1), lora_path="merged"), "use lora_path='factored'"),
+    (dict(members=0), "members must be >= 1"),
+    (dict(members=2, seed=2**31), r"members \* \(seed \+ 1\) <= 2\*\*32"),
+    (dict(members=2, lora=PRESETS["full"].lora), "full fine-tuning has none; use --members 1"),
+    (dict(members=2, rank_budget=32), "--rank-budget gives each its own; use --members 1"),
+    (dict(members=3, lora=RunConfig().lora.replace(init="pissa")), "init 'pissa' gives each its own"),
 ])
 def test_invalid_run_configs_name_the_problem(changes, message):
     with pytest.raises(ValueError, match=message):
         RunConfig(**changes)
+
+
+def test_ensemble_members_are_single_runs_with_their_own_seeds():
+    run = PRESETS["enhanced"].replace(members=3, seed=5)
+    assert [run.member(i).seed for i in range(3)] == [15, 16, 17]
+    assert run.member(2) == run.replace(members=1, seed=17)
+    assert RunConfig(seed=5).member(0) == RunConfig(seed=5)  # a single run is its own member
+    with pytest.raises(ValueError, match="member 3 of a run with 3 members"):
+        run.member(3)
 
 
 @pytest.mark.parametrize("model", ["minilm", "smollm2"])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import flaxlora
+from flaxlora.interop.export import export
 from flaxlora.qqp.data import load_qqp
 from flaxlora.training.checkpoint import Checkpointer
 
@@ -180,6 +181,45 @@ def test_ensemble_averages_the_runs_probabilities_on_one_base(qqp_script, data_d
     _edit_meta(other, lambda m: {**m, "run": {**m["run"], "lora": {**m["run"]["lora"], "alpha": 4.0}}})
     with pytest.raises(ValueError, match="differs from .* an ensemble shares one base"):
         flaxlora.restore_ensemble([first, other])
+
+
+def test_members_train_an_ensemble_of_single_runs_in_one_job(qqp_script, data_dir, finished_run, tmp_path):
+    out = tmp_path / "ensemble"
+    results = qqp_script.main(flags(data_dir, out, "--members", "2", "--seed", "1"))  # members: seeds 2 and 3
+    single_dir, single = finished_run  # seed 3
+    member = out / "members" / "1"
+    with Checkpointer(single_dir / "checkpoints", read_only=True) as a, Checkpointer(member / "checkpoints", read_only=True) as b:
+        (ta, _), (tb, _) = a.restore_for_inference(8), b.restore_for_inference(8)
+    for key, leaf in flaxlora.pytree.flatten(ta).items():
+        np.testing.assert_array_equal(leaf, flaxlora.pytree.flatten(tb)[key], err_msg=key)
+    assert [m["seed"] for m in results["members"]] == [2, 3]
+    assert results["members"][1]["splits"]["test"]["mcc"] == single["splits"]["test"]["mcc"]
+    assert results["steps"] == 16 and results["trainable_params"] == 2 * single["trainable_params"]
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+
+    test = load_qqp(data_dir)["test"]
+    ensemble = flaxlora.restore(out)  # the ensemble run's folder restores the ensemble
+    members = [flaxlora.restore(out / "members" / str(i)) for i in range(2)]
+    proba = ensemble.predict_proba(test.question1, test.question2)
+    np.testing.assert_allclose(proba, np.mean([m.predict_proba(test.question1, test.question2) for m in members], axis=0),
+                               atol=2e-6)
+    assert results["splits"]["test"]["accuracy"] == pytest.approx(np.mean((proba >= 0.5) == test.labels), abs=1e-6)
+    np.testing.assert_array_equal(flaxlora.restore_ensemble([out]).predict_proba(test.question1, test.question2), proba)
+
+    with pytest.raises(SystemExit) as err:  # saved members: nothing is overwritten without --resume
+        qqp_script.main(flags(data_dir, out, "--members", "2", "--seed", "1"))
+    assert "already holds a member's run: pass --resume" in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        qqp_script.main(flags(data_dir, out, "--members", "2", "--seed", "1", "--resume", "--rank", "4"))
+    assert "different run configuration" in str(err.value)
+    (out / "results.json").unlink()
+    with pytest.raises(ValueError, match="an ensemble run that has not finished"):
+        flaxlora.restore(out)
+    shutil.rmtree(out / "members" / "1")  # interrupted before member 1: --resume trains only it
+    again = qqp_script.main(flags(data_dir, out, "--members", "2", "--seed", "1", "--resume"))
+    assert again["splits"] == results["splits"]
+    with pytest.raises(ValueError, match="an ensemble of 2 adapters.* export each member"):
+        export(out, tmp_path / "export", "peft")
 
 
 def _edit_meta(run_dir, edit):

@@ -34,7 +34,7 @@ from flaxlora.loading.registry import HUB_ALIASES, resolve
 from flaxlora.lora import merge_pretrained, summarize
 from flaxlora.qqp.config import PRESETS, RunConfig
 from flaxlora.qqp.data import LABEL_WORDS
-from flaxlora.qqp.predict import load_base, unrolled
+from flaxlora.qqp.predict import ensemble_members, load_base, unrolled
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
 
 FORMATS = ("peft", "merged")
@@ -111,10 +111,13 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, *, s
     Raises:
       FileExistsError: ``out`` is a file, or a non-empty folder and not ``force`` or without flaxlora_export.json.
       FileNotFoundError: no checkpoint (at ``step``).
-      ValueError: an unknown format, or a run PEFT cannot express (see :func:`flaxlora.interop.save_peft`).
+      ValueError: an unknown format, an ensemble run, or a run PEFT cannot express (see :func:`flaxlora.interop.save_peft`).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if (members := ensemble_members(checkpoint)) is not None:
+        raise ValueError(f"{checkpoint} is an ensemble of {len(members)} adapters, which neither one PEFT adapter nor "
+                         f"one merged model holds: export each member ({', '.join(map(str, members))})")
     source, out = Path(checkpoint_dir(checkpoint)).resolve(), Path(out).resolve()  # exports are local folders
     if out == source or out in source.parents:
         raise FileExistsError(f"{out} holds the checkpoint being exported: choose another --out")

@@ -4,6 +4,7 @@
     qqp_sample/    19,082 real QQP rows (provenance and licence in its README)
     config.py      RunConfig and the presets (lora, enhanced, full, head)
     run.py         the fine-tuning loop behind experiments/qqp.py (finetune)
+    ensemble.py    an ensemble run (--members): adapters trained in turn on one base, scored together
     reporting.py   metrics.jsonl, TensorBoard, curves.png, the one-screen summary
     predict.py     restore a run for inference; ``python -m flaxlora.predict``
     baselines.py   majority class, TF-IDF + logistic regression

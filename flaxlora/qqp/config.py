@@ -63,6 +63,9 @@ class RunConfig:
     lora: LoraConfig = PLAIN_LORA
     rank_budget: int | None = None  # importance-based rank allocation: total rank spread over the targets
     allocation_batches: int = 8  # train batches whose mean gradient ranks the targets
+    # Adapters trained one after another on the one frozen base, member i as the run member(i), their
+    # class probabilities averaged (flaxlora.qqp.ensemble); 1: a single adapter.
+    members: int = 1
 
     learning_rate: float = 5e-4
     loraplus_ratio: float = 1.0
@@ -129,6 +132,9 @@ class RunConfig:
             (self.eval_examples is None or self.eval_examples >= 1, f"eval_examples must be >= 1, got {self.eval_examples}"),
             (self.rank_budget is None or self.rank_budget >= 1, f"rank_budget must be >= 1, got {self.rank_budget}"),
             (self.max_skipped_steps >= 1, f"max_skipped_steps must be >= 1, got {self.max_skipped_steps}"),
+            (self.members >= 1 and self.members * (self.seed + 1) <= 2**32,
+             f"members must be >= 1 with members * (seed + 1) <= 2**32 (the members' seeds), got {self.members} "
+             f"with seed {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -139,6 +145,8 @@ class RunConfig:
         check_lora_path(self.lora_path, self.lora)
         if self.quantize is not None:
             self._check_quantize()
+        if self.members > 1:
+            self._check_members()
         if self.scan_layers and (self.quantize or self.rank_budget):
             raise ValueError(f"--scan-layers stacks every layer's weights and adapters alike: --"
                              f"{'quantize' if self.quantize else 'rank-budget'} is not supported with it; drop one")
@@ -153,6 +161,21 @@ class RunConfig:
                              "LoftQ's problem, not solved here; use init lora or gaussian")
         if self.lora_path != "factored":
             raise ValueError("--quantize runs on --lora-path factored (x @ deq(W) + s (x@a)@b, one weight at a time)")
+
+    def _check_members(self) -> None:
+        if self.lora.targets is None:
+            raise ValueError(f"--members {self.members} ensembles adapters on one frozen base: full fine-tuning has "
+                             "none; use --members 1 or adapters (--targets)")
+        if self.lora.init in RESIDUAL_INITS or self.rank_budget:
+            raise ValueError(f"--members {self.members}: the members of an ensemble share one base and one adapter "
+                             f"layout, which {'--rank-budget' if self.rank_budget else 'init ' + repr(self.lora.init)} "
+                             "gives each its own; use --members 1")
+
+    def member(self, i: int) -> "RunConfig":
+        """Member ``i`` of an ensemble run: the single-adapter run seeded ``members * seed + i``."""
+        if not 0 <= i < self.members:
+            raise ValueError(f"member {i} of a run with {self.members} members")
+        return self.replace(members=1, seed=self.members * self.seed + i)
 
     @property
     def label_words(self) -> tuple[str, ...] | None:

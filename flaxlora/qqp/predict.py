@@ -3,6 +3,7 @@
     predictor = flaxlora.restore("runs/qqp-enhanced-s0-...")        # or its checkpoints/ folder
     predictor.predict_proba(["How do I learn Python?"], ["What is the best way to learn Python?"])
     ensemble = flaxlora.restore_ensemble(["runs/a", "runs/b", "runs/c"])   # adapters on one shared base
+    flaxlora.restore("runs/qqp-enhanced-s0-...")   # a --members run: its members' ensemble
 
 The base model is rebuilt from the saved run configuration, the adapters and extras restored
 from the orbax checkpoint and merged into it once: inference runs the plain model.
@@ -20,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from flaxlora.cli import ArgumentParser
 from flaxlora.data import tables
@@ -29,6 +31,7 @@ from flaxlora.loading import Pretrained, base_provenance, load_pretrained
 from flaxlora.loading.provenance import check_same_base
 from flaxlora.lora.adapters import merge_pretrained
 from flaxlora.models.scan import unstack_layers
+from flaxlora.paths import as_path
 from flaxlora.qqp.config import DTYPES, RunConfig
 from flaxlora.quant.tree import dequantize
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
@@ -36,6 +39,8 @@ from flaxlora.training.step import logits_fn
 
 # The longest pair a restored T5 classifier scores without truncation.
 T5_MAX_LENGTH = 4096
+# The folder of an ensemble run (RunConfig.members > 1) that holds its members' run folders, 0, 1, ...
+MEMBERS = "members"
 
 
 class Predictor:
@@ -101,13 +106,31 @@ def unrolled(trainable: dict[str, Any], run: RunConfig) -> dict[str, Any]:
     return unstack_layers(trainable) if run.scan_layers else trainable
 
 
+def ensemble_members(path: str | os.PathLike) -> list[epath.Path] | None:
+    """The member run folders of an ensemble run's output folder (``OUT/members/0, 1, ...``), in
+    order; None for any other folder."""
+    folder = as_path(path) / MEMBERS
+    if not folder.is_dir():
+        return None
+    return sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
 def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 64) -> Predictor:
-    """A :class:`Predictor` from a run's output folder or its ``checkpoints/`` folder.
+    """A :class:`Predictor` from a run's output folder or its ``checkpoints/`` folder; for an
+    ensemble run (``--members``), its members' :func:`restore_ensemble`.
 
     ``step`` picks a checkpoint (default: the newest readable). Pairs are truncated to the run's
     max_length, except for a T5 classifier: its relative positions set no limit, so it scores whole
     pairs (up to ``T5_MAX_LENGTH`` tokens), as ``tokenizer(q1, q2)`` with the merged export does.
+
+    Raises ValueError for an ensemble run that has not finished.
     """
+    members = ensemble_members(path)
+    if members is not None:
+        if not (as_path(path) / "results.json").is_file():
+            raise ValueError(f"{path} is an ensemble run that has not finished: finish it (qqp.py --resume "
+                             f"--output-dir {path}) or restore one member ({members[0] if members else path})")
+        return restore_ensemble(members, step, batch_size)
     with Checkpointer(checkpoint_dir(path), read_only=True) as ckpt:
         trainable, meta = ckpt.restore_for_inference(step)
     run, pretrained = load_base(meta)
@@ -130,14 +153,15 @@ def _lengths(run: RunConfig, pretrained: Pretrained) -> tuple[int, tuple[int, ..
 def restore_ensemble(paths: Sequence[str | os.PathLike], step: int | None = None, batch_size: int = 64) -> Predictor:
     """A :class:`Predictor` averaging the class probabilities of several runs' adapters on their
     one shared base: runs of the same base model, LoRA configuration and data settings (e.g.
-    seeds of one preset). The frozen weights are held once, each run's adapter and extras beside
-    them (a few MB each), and every batch runs the factored forward of all adapters (vmapped);
-    ``logits`` returns the log of the mean probabilities.
+    seeds of one preset; an ensemble run counts as its members). The frozen weights are held
+    once, each run's adapter and extras beside them (a few MB each), and every batch runs the
+    factored forward of all adapters (vmapped); ``logits`` returns the log of the mean probabilities.
 
     Raises ValueError for fewer than two runs, runs that differ in anything but their seed and
     training schedule, a base that is not the one each run recorded, or PiSSA/OLoRA runs (their
     residual base is not shared).
     """
+    paths = [member for path in paths for member in (ensemble_members(path) or [path])]  # an ensemble run: its members
     if len(paths) < 2:
         raise ValueError(f"an ensemble needs at least two runs, got {len(paths)}")
     restored = []

@@ -125,5 +125,11 @@ def one_screen_summary(results: dict[str, Any], output_dir: str | os.PathLike) -
     for split, m in results["splits"].items():
         lines.append(f"{split:<10} accuracy {m['accuracy']:.4f}  F1 {m['f1']:.4f}  MCC {m['mcc']:.4f}  "
                      f"loss {m['loss']:.4f}  (n={m['n']:,})")
-    lines.append(f"outputs    {os.fspath(output_dir)}/results.json, metrics.jsonl, curves.png, tb/, checkpoints/")
+    if "members" in results:  # an ensemble run (flaxlora.qqp.ensemble)
+        held_out = results["held_out_split"]
+        lines.append(f"members    {len(results['members'])} adapters, seeds " + ", ".join(str(m["seed"]) for m in results["members"])
+                     + f"; alone: {held_out} MCC " + ", ".join(f"{m['splits'][held_out]['mcc']:.4f}" for m in results["members"]))
+        lines.append(f"outputs    {os.fspath(output_dir)}/results.json, members/0..{len(results['members']) - 1}/ (each a run's outputs)")
+    else:
+        lines.append(f"outputs    {os.fspath(output_dir)}/results.json, metrics.jsonl, curves.png, tb/, checkpoints/")
     return "\n".join(lines)

@@ -81,7 +81,9 @@ def encode_split(split, pretrained, run: RunConfig):
     )
 
 
-def _check_resumable(saved: dict[str, Any], run: RunConfig) -> None:
+def check_resumable(saved: dict[str, Any], run: RunConfig) -> None:
+    """ValueError unless ``run`` may resume the run saved with config ``saved`` (a dict): only
+    ``RESUMABLE_CHANGES`` may differ."""
     now, saved = run.to_dict(), RunConfig.from_dict(saved).to_dict()  # fields added since: their defaults
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
@@ -196,7 +198,7 @@ def preflight(run: RunConfig, out: epath.Path, resume: bool) -> tuple[RunConfig,
     if saved is not None and run.rank_budget:  # keep the ranks allocated when the run started
         run = run.replace(lora=RunConfig.from_dict(saved["run"]).lora)
     if saved is not None:
-        _check_resumable(saved["run"], run)
+        check_resumable(saved["run"], run)
     saved_base = (saved or {}).get("base")
     base = base_provenance(run.model, (saved_base or {}).get("revision"))
     check_same_base(saved_base, base)
@@ -228,7 +230,12 @@ def allocate_ranks(run: RunConfig, pretrained, train_data, buckets) -> RunConfig
 
 
 def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate; returns (and writes to results.json) the final metrics."""
+    """Train and evaluate; returns (and writes to results.json) the final metrics. A run with
+    ``members > 1`` trains an ensemble (:func:`flaxlora.qqp.ensemble.finetune_ensemble`)."""
+    if run.members > 1:
+        from flaxlora.qqp.ensemble import finetune_ensemble  # it trains each member with this function
+
+        return finetune_ensemble(run, output_dir, resume=resume, progress=progress)
     started = time.perf_counter()
     out = as_path(output_dir)
     run, mesh, data, base = preflight(run, out, resume)
