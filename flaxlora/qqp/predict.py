@@ -117,7 +117,7 @@ def ensemble_members(path: str | os.PathLike) -> list[epath.Path] | None:
 
 def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 64) -> Predictor:
     """A :class:`Predictor` from a run's output folder or its ``checkpoints/`` folder; for an
-    ensemble run (``--members``), its members' :func:`restore_ensemble`.
+    ensemble run (``--members``: OUT or OUT/checkpoints), its members' :func:`restore_ensemble`.
 
     ``step`` picks a checkpoint (default: the newest readable). Pairs are truncated to the run's
     max_length, except for a T5 classifier: its relative positions set no limit, so it scores whole
@@ -125,6 +125,8 @@ def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 
 
     Raises ValueError for an ensemble run that has not finished.
     """
+    if as_path(path).name == "checkpoints" and not as_path(path).exists():  # an ensemble run has none: the run
+        path = as_path(path).parent if ensemble_members(as_path(path).parent) is not None else path
     members = ensemble_members(path)
     if members is not None:
         if not (as_path(path) / "results.json").is_file():
