@@ -6,7 +6,7 @@
 Each family (``enhanced``: LoRA knobs; ``full``: full fine-tuning's own knobs) gets the same number
 of trials, drawn at random from its space (:data:`SPACES`; trial i of a family is the same draw on
 every invocation, from --search-seed); a LoRA draw that would train more than
---max-trainable-percent of the parameters (default 2) is drawn again. A trial is one `experiments/qqp.py` command (seed 0) in its
+--max-trainable-percent of the parameters (default 2) is drawn again. A trial is one `experiments/qqp.py` command (seed 0, one adapter: `--members 1`) in its
 own process, into OUT/<family>-<i>/; finished trials are skipped, so the sweep resumes. Trials are
 ranked by **validation** MCC only; each family's best --finalists are rerun with the other
 --seeds, and the family's winner is the finalist with the best mean validation MCC. Test figures
@@ -120,7 +120,7 @@ def trial_flags(family: str, trial: dict[str, Any], targets: dict[str, int] | No
     """qqp.py flags of a trial (``targets``: the number of kernels of each target set, for a rank budget)."""
     from flaxlora.qqp.config import QV_TARGETS
 
-    flags = ["--preset", family]
+    flags = ["--preset", family, *(["--members", "1"] if family in ADAPTED else [])]  # a trial: one adapter
     for knob, value in trial.items():
         if value is None or value is False or (knob == "targets" and value == "all"):
             continue

@@ -51,7 +51,7 @@ def launch(processes: int, args: list[str], timeout: int = 900, script=lambda i:
 def run_args(data_dir, out, mesh, lora_path, steps=3, *extra):
     return ["--data-dir", str(data_dir), "--output-dir", str(out), "--max-steps", str(steps), "--log-every", "1",
             "--save-every", "2", "--batch-size", "16", "--max-length", "32", "--buckets", "32",
-            "--eval-batch-size", "16", "--eval-examples", "16", "--eval-every", "0", "--seed", "1", "--quiet",
+            "--eval-batch-size", "16", "--eval-examples", "16", "--eval-every", "0", "--seed", "1", "--members", "1", "--quiet",
             "--mesh", mesh, "--lora-path", lora_path, *extra]
 
 

@@ -26,9 +26,10 @@ SCRIPT = ROOT / "experiments" / "qqp.py"
 
 
 def flags(data_dir, out, *extra):
+    """A short run of one adapter of the default preset (its ensemble: test_members_train_...)."""
     return ["--data-dir", str(data_dir), "--output-dir", str(out), "--max-steps", "8", "--save-every", "2",
             "--log-every", "2", "--batch-size", "16", "--max-length", "64", "--buckets", "64",
-            "--eval-batch-size", "16", "--seed", "3", "--quiet", *extra]
+            "--eval-batch-size", "16", "--seed", "3", "--members", "1", "--quiet", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +212,7 @@ def test_members_train_an_ensemble_of_single_runs_in_one_job(qqp_script, data_di
         qqp_script.main(flags(data_dir, out, "--members", "2", "--seed", "1"))
     assert "already holds a member's run: pass --resume" in str(err.value)
     with pytest.raises(SystemExit) as err:
-        qqp_script.main(flags(data_dir, out, "--members", "2", "--seed", "1", "--resume", "--rank", "4"))
+        qqp_script.main(flags(data_dir, out, "--members", "2", "--seed", "1", "--resume", "--rank", "2"))
     assert "different run configuration" in str(err.value)
     (out / "results.json").unlink()
     with pytest.raises(ValueError, match="an ensemble run that has not finished"):
@@ -291,7 +292,7 @@ def test_bad_flags_and_existing_runs_get_one_line_errors(qqp_script, data_dir, f
     assert "pass --resume" in str(err.value)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     with pytest.raises(SystemExit) as err:
-        script.main(flags(data_dir, out, "--resume", "--rank", "4"))
+        script.main(flags(data_dir, out, "--resume", "--rank", "2"))
     assert "different run configuration" in str(err.value) and "lora" in str(err.value)
     for extra, message in [
         (("--max-steps", "6"), "--max-steps gives 6 steps, fewer than the 8 already trained"),

@@ -161,7 +161,7 @@ def test_quantized_run_trains_restores_and_refuses_what_it_cannot_do(qqp_script,
     def flags(out, *extra):
         return ["--data-dir", str(data_dir), "--output-dir", str(out), "--max-steps", "3", "--batch-size", "8",
                 "--max-length", "32", "--buckets", "32", "--eval-batch-size", "16", "--eval-examples", "32",
-                "--eval-every", "0", "--seed", "2", "--quiet", *extra]
+                "--eval-every", "0", "--seed", "2", "--members", "1", "--quiet", *extra]
 
     out = tmp_path / "nf4"
     results = qqp_script.main(flags(out, "--quantize", "nf4"))

@@ -138,7 +138,7 @@ def test_scan_layers_run_restores_and_exports_unrolled(qqp_script, data_dir, tmp
     out = tmp_path / "scanned"
     results = qqp_script.main(["--data-dir", str(data_dir), "--output-dir", str(out), "--max-steps", "3",
                                "--batch-size", "8", "--max-length", "48", "--buckets", "48", "--eval-batch-size", "16",
-                               "--scan-layers", "--dora", "--quiet"])
+                               "--scan-layers", "--dora", "--members", "1", "--quiet"])
     assert json.loads((out / "results.json").read_text())["mcc"] == results["mcc"]
     with Checkpointer(out / "checkpoints", read_only=True) as ckpt:
         trainable, _ = ckpt.restore_for_inference()

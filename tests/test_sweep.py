@@ -27,7 +27,7 @@ MINILM = dict(params=22_713_986, extras=31_874, fans={"all": (768,) * 25 + (1920
 
 def test_trials_are_fixed_draws_under_the_cap_that_qqp_accepts(sweep, qqp_script):
     model = sweep.Backbone(**MINILM)
-    assert round(model.trainable_percent({"targets": "all", "rank": 8, "rank-budget": None}), 2) == 1.60  # the preset
+    assert round(model.trainable_percent({"targets": "all", "rank": 8, "rank-budget": None}), 2) == 1.60  # ENHANCED_LORA
     under_cap = lambda t: model.trainable_percent(t) <= 2.0  # noqa: E731
     counts = {"all": 37, "qv": 12}
     for family in sweep.SPACES:
@@ -46,7 +46,7 @@ def test_trials_are_fixed_draws_under_the_cap_that_qqp_accepts(sweep, qqp_script
                 continue
             assert (run.lora.rank, run.lora.alpha, run.lora.use_dora, run.lora.dropout, run.loraplus_ratio) == (
                 d["rank"], d["alpha"], d["dora"], d["lora-dropout"], d["loraplus-ratio"])
-            assert run.lora.scaling == "rslora"  # the preset's
+            assert run.lora.scaling == "rslora" and run.members == 1  # the preset's scaling; one adapter
             assert (run.lora.targets == QV_TARGETS) == (d["targets"] == "qv")
             budget = d["rank-budget"]
             assert run.rank_budget == (None if budget is None else round(budget * d["rank"] * counts[d["targets"]]))
