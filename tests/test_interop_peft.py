@@ -220,10 +220,10 @@ def test_peft_adapter_imports(name, minilm, minilm_batch, minilm_logits, tmp_pat
 
 @pytest.fixture(scope="module")
 def trained_run(data_dir, tmp_path_factory):
-    """A real 4-step run of the default (enhanced) preset on MiniLM, checkpoints at steps 2 and 4."""
+    """A real 4-step run of one member of the default (enhanced) preset on MiniLM, checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("run")
     run = RunConfig(data_dir=str(data_dir), max_steps=4, save_every=2, batch_size=8, max_length=64, buckets=(64,),
-                    eval_batch_size=16, learning_rate=1e-2, lora=ENHANCED_LORA)
+                    eval_batch_size=16, learning_rate=1e-2, lora=PRESETS["enhanced"].lora)
     finetune(run, out, progress=False)
     return out
 
@@ -272,7 +272,7 @@ def test_model_cards_describe_the_run(trained_run, tmp_path):
         rows = card_rows(tmp_path / fmt)
         assert rows["Base model"] == f"`minilm-l6` ({resolve('minilm-l6')})"
         assert rows["Preset"] == "enhanced"
-        assert rows["LoRA"] == f"rank 8, alpha 16, scale alpha / sqrt(r) (rsLoRA), targets `{ENHANCED_LORA.targets}`, init lora"
+        assert rows["LoRA"] == f"rank 4, alpha 16, scale alpha / sqrt(r) (rsLoRA), targets `{ENHANCED_LORA.targets}`, init lora"
         assert rows["Trained in full"] == f"`{ENHANCED_LORA.trainable}`"
         assert rows["Trainable parameters"] == (f"{results['trainable_params']:,} of {results['total_params']:,} "
                                                 f"({results['trainable_percent']:.3f}%)")

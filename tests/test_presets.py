@@ -49,14 +49,14 @@ def test_enhanced_preset_adapts_every_linear_layer_under_two_percent(model, requ
     from flaxlora import pytree
     from flaxlora.lora.adapters import init_lora, trainable_params
     from flaxlora.lora.summary import summarize
-    from flaxlora.qqp.config import ENHANCED_LORA, PLAIN_LORA
 
     params = request.getfixturevalue(model).params
     summaries = {
-        name: summarize(params, init_lora(params, config, jax.random.key(0)), config, trainable_params(params, config))
-        for name, config in (("plain", PLAIN_LORA), ("enhanced", ENHANCED_LORA))
+        name: summarize(params, init_lora(params, run.lora, jax.random.key(0)), run.lora, trainable_params(params, run.lora))
+        for name, run in PRESETS.items() if name in ("lora", "enhanced")
     }
-    assert summaries["plain"].trainable_fraction < summaries["enhanced"].trainable_fraction < 0.02
+    members = PRESETS["enhanced"].members  # each member trains its own adapters and extras
+    assert summaries["lora"].trainable_fraction < members * summaries["enhanced"].trainable_fraction < 0.02
     kernels = {p for p, leaf in pytree.flatten(params).items() if p.endswith("/kernel") and leaf.ndim == 2}
     adapted = {row[0] for row in summaries["enhanced"].rows}
     assert adapted == {p for p in kernels if not p.startswith(("classifier", "score"))}

@@ -9,7 +9,7 @@ import pytest
 
 import ablation  # experiments/ (on sys.path: conftest.py)
 import default_runs
-from flaxlora.qqp.config import PRESETS
+from flaxlora.qqp.config import PRESETS, RunConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,10 +39,25 @@ def test_table_is_the_mean_of_its_runs_and_matches_markdown_and_readme(path):
 @pytest.mark.parametrize("preset", default_runs.PRESETS)
 def test_the_default_run_table_shows_runs_of_the_presets_as_they_ship(preset):
     for seed in (0, 1, 2):
-        run = json.loads((PRESET_RUNS / f"{preset}-s{seed}" / "results.json").read_text())["run"]
-        shipped = json.loads(json.dumps(dataclasses.replace(PRESETS[preset], seed=seed).to_dict()))
-        changed = {k: (run.get(k), v) for k, v in shipped.items() if run.get(k) != v}
+        saved = json.loads((PRESET_RUNS / f"{preset}-s{seed}" / "results.json").read_text())["run"]
+        run = RunConfig.from_dict(saved).to_dict()  # fields added since the run: their defaults
+        shipped = dataclasses.replace(PRESETS[preset], seed=seed).to_dict()
+        changed = {k: (run[k], v) for k, v in shipped.items() if run[k] != v}
         assert not changed, f"presets/{preset}-s{seed} was run with (run, preset now): {changed}"
+
+
+@pytest.mark.parametrize("preset", [p for p in default_runs.PRESETS if PRESETS[p].members > 1])
+def test_an_ensemble_presets_runs_hold_the_presets_members(preset):
+    for seed in (0, 1, 2):
+        folder = PRESET_RUNS / f"{preset}-s{seed}"
+        results = json.loads((folder / "results.json").read_text())
+        shipped = dataclasses.replace(PRESETS[preset], seed=seed)
+        assert [m["output_dir"] for m in results["members"]] == [f"members/{i}" for i in range(shipped.members)]
+        for i, member in enumerate(results["members"]):
+            run = json.loads((folder / member["output_dir"] / "results.json").read_text())
+            assert RunConfig.from_dict(run["run"]) == shipped.member(i), f"{folder.name} member {i}"
+            assert member["splits"]["test"]["mcc"] == run["splits"]["test"]["mcc"]
+        assert results["steps"] == shipped.members * run["steps"]
 
 
 def test_readme_shows_the_presets_table_as_committed():
