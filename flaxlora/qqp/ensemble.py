@@ -43,13 +43,15 @@ def score(predictor: Predictor, splits: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def _check_members(run: RunConfig, folders: list, resume: bool) -> None:
-    """Before any work: FileExistsError for saved members without ``resume``; ValueError for saved
-    members of another configuration."""
+def _finished_members(run: RunConfig, folders: list, resume: bool) -> dict[int, dict[str, Any]]:
+    """The results of the members that finished before, by index. Before any work: FileExistsError
+    for saved members without ``resume``; ValueError for saved members of another configuration."""
+    finished = {}
     for i, folder in enumerate(folders):
         saved = None
         if (folder / "results.json").is_file():
-            saved = json.loads((folder / "results.json").read_text())["run"]
+            finished[i] = json.loads((folder / "results.json").read_text())
+            saved = finished[i]["run"]
         elif (folder / "checkpoints").is_dir():
             with Checkpointer(folder / "checkpoints", read_only=True) as ckpt:
                 saved = ckpt.read_meta()["run"] if ckpt.latest_step() is not None else None
@@ -58,6 +60,7 @@ def _check_members(run: RunConfig, folders: list, resume: bool) -> None:
         if not resume:
             raise FileExistsError(f"{folder} already holds a member's run: pass --resume or use a new --output-dir")
         check_resumable(saved, run.member(i))
+    return finished
 
 
 def finetune_ensemble(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = False,
@@ -72,11 +75,11 @@ def finetune_ensemble(run: RunConfig, output_dir: str | os.PathLike, *, resume: 
     """
     out = as_path(output_dir)
     folders = [out / MEMBERS / str(i) for i in range(run.members)]
-    _check_members(run, folders, resume)
+    finished = _finished_members(run, folders, resume)
     members = []
     for i, folder in enumerate(folders):
-        if (folder / "results.json").is_file():  # finished before (checked above)
-            members.append(json.loads((folder / "results.json").read_text()))
+        if i in finished:
+            members.append(finished[i])
             log.info("member %d of %d: finished before, in %s", i + 1, run.members, folder)
             continue
         log.info("member %d of %d (seed %d) into %s", i + 1, run.members, run.member(i).seed, folder)

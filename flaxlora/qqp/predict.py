@@ -125,11 +125,12 @@ def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 
 
     Raises ValueError for an ensemble run that has not finished.
     """
-    if as_path(path).name == "checkpoints" and not as_path(path).exists():  # an ensemble run has none: the run
-        path = as_path(path).parent if ensemble_members(as_path(path).parent) is not None else path
-    members = ensemble_members(path)
+    folder = as_path(path)
+    if folder.name == "checkpoints" and not folder.exists() and ensemble_members(folder.parent) is not None:
+        folder = path = folder.parent  # an ensemble run has no checkpoints/ of its own: the run
+    members = ensemble_members(folder)
     if members is not None:
-        if not (as_path(path) / "results.json").is_file():
+        if not (folder / "results.json").is_file():
             raise ValueError(f"{path} is an ensemble run that has not finished: finish it (qqp.py --resume "
                              f"--output-dir {path}) or restore one member ({members[0] if members else path})")
         return restore_ensemble(members, step, batch_size)
