@@ -77,8 +77,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-budget", type=int, help="importance-based rank allocation: total LoRA rank spread "
                                                    "over the targets by gradient spectra before training")
     p.add_argument("--members", type=int,
-                   help="an ensemble: train K adapters one after another on the one frozen base (seeds K*seed+i) "
-                        "and average their class probabilities; OUT/members/i are the members' runs")
+                   help="an ensemble: train K adapters together, in one step on the one frozen base (seeds K*seed+i, "
+                        "member 0's batch order), and average their class probabilities; OUT/members/i are the members' runs")
     p.add_argument("--max-skipped-steps", type=int,
                    help="stop the run after this many updates in a row skipped for a non-finite loss or "
                         "gradient (default 5); skipped updates leave the weights unchanged")
@@ -104,6 +104,9 @@ def parser() -> argparse.ArgumentParser:
                         "Llama); checkpoints hold the layers stacked, exports and restore as usual")
     p.add_argument("--lora-path", choices=("merged", "factored"), help="factored xW+s(xA)B (default: no weight-sized gradient) or merged W+sAB")
     p.add_argument("--cache-dir", help="tokenisation cache (default ~/.cache/flaxlora or $FLAXLORA_CACHE_DIR)")
+    p.add_argument("--compilation-cache", metavar="DIR|none",
+                   help="JAX's persistent compilation cache: a second run of the same programs compiles none "
+                        "(default ~/.cache/flaxlora/jax or $FLAXLORA_CACHE_DIR/jax; none: off)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: join a cluster JAX detects by itself (TPU pods, SLURM, Open MPI)")
     p.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0's coordinator "
@@ -170,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
             p.fail(err)
     import jax
 
+    from flaxlora.training.compile import default_compilation_cache, use_compilation_cache
+
+    use_compilation_cache(None if args.compilation_cache == "none" else args.compilation_cache or default_compilation_cache())
     main_process = jax.process_index() == 0
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s", force=True)
     for noisy in ("absl", "jax", "orbax", "httpx", "huggingface_hub"):

@@ -216,10 +216,53 @@ def test_an_absurd_learning_rate_is_skipped_and_the_state_stays_finite():
     assert bool(training.all_finite(state.trainable)) and bool(training.all_finite(state.opt_state))
 
 
-def test_skip_guard_counts_skips_in_a_row_one_step_late():
-    guard = training.SkipGuard(2)
-    flags = [True, False, True, True, False]
-    stops = [guard.update(jnp.asarray(f)) for f in flags]
-    assert stops == [False, False, False, False, True]  # steps 3 and 4 skipped, seen at step 5
+def test_the_step_halts_where_the_skips_in_a_row_reach_the_limit():
+    """The limit is kept on the device: after two skipped updates in a row the state stops changing,
+    its step counter too, so the host finds the run where it diverged whenever it next reads."""
+    model, _, tx, state, frozen = setup()
+    options = training.StepOptions(max_skipped_steps=2)
+    step = jax.jit(lambda s, f, b: training.train_step(s, f, b, apply=training.logits_fn(model, CONFIG), tx=tx,
+                                                       options=options))
+    batches = toy_batches(7, seed=6)
+    for i in (0, 2, 3):  # NaN losses at steps 1, 3 and 4
+        batches[i]["weights"][0] = np.nan
+    seen = []
+    for batch in batches:
+        state, metrics = step(state, frozen, batch)
+        seen.append((int(state.step), int(state.skipped_in_a_row), bool(metrics["skipped"])))
+    assert seen == [(1, 1, True), (2, 0, False), (3, 1, True), (4, 2, True), (4, 2, True), (4, 2, True), (4, 2, True)]
     with pytest.raises(ValueError, match=">= 1"):
-        training.SkipGuard(0)
+        training.StepOptions(max_skipped_steps=0)
+
+
+def test_members_in_one_step_are_each_members_own_step():
+    """K adapters stacked and vmapped over one frozen base: member i's state after each step is what
+    the single step gives it (same seeds, same batches), the learning rate is reported, and a member
+    reaching the skip limit halts them all."""
+    model, params, tx, _, _ = setup()
+    schedule = training.learning_rate_schedule(1e-2, 6, 2)
+    tx = flaxlora.lora_optimizer(schedule)
+    options = training.StepOptions(max_skipped_steps=1, learning_rate=schedule)
+    apply = training.logits_fn(model, CONFIG, "factored")
+    heads = [{"head/kernel": jnp.full((16, 2), value)} for value in (0.01, -0.02)]  # each member's own classifier
+    members, frozen = training.init_member_states(params, CONFIG, tx, [3, 7], extras=heads)
+    singles = [training.init_train_state(params, CONFIG, tx, jax.random.key(seed))[0] for seed in (3, 7)]
+    singles = [s.replace(trainable={**s.trainable, "extras": {**s.trainable["extras"], "head": {
+        **s.trainable["extras"]["head"], "kernel": head["head/kernel"]}}}) for s, head in zip(singles, heads)]
+    for x, y in zip(jax.tree.leaves(members), jax.tree.leaves(tuple(singles))):
+        np.testing.assert_array_equal(x, y)
+    together = jax.jit(lambda s, f, b: training.train_members_step(s, f, b, apply=apply, tx=tx, options=options))
+    alone = jax.jit(lambda s, f, b: training.train_step(s, f, b, apply=apply, tx=tx, options=options))
+    for batch in toy_batches(3, seed=8):
+        members, metrics = together(members, frozen, batch)
+        stepped = [alone(single, frozen, batch) for single in singles]
+        singles = [single for single, _ in stepped]
+        np.testing.assert_allclose(metrics["loss"], [float(m["loss"]) for _, m in stepped], rtol=1e-5)
+        np.testing.assert_allclose(metrics["lr"], [float(schedule(int(members[0].step) - 1))] * 2, rtol=1e-6)
+        for x, y in zip(jax.tree.leaves(members), jax.tree.leaves(tuple(singles))):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    poisoned = toy_batches(1, seed=9)[0]
+    poisoned["weights"][0] = np.nan
+    members, _ = together(members, frozen, poisoned)  # both skip: the limit of 1 is reached
+    after, metrics = together(members, frozen, toy_batches(1, seed=10)[0])
+    assert [int(m.step) for m in after] == [4, 4] and bool(np.all(metrics["skipped"]))

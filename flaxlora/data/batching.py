@@ -27,6 +27,10 @@ from flaxlora.data.tokenize import EncodedPairs
 
 Batch = dict[str, np.ndarray]
 T = TypeVar("T")
+# Every batch's arrays: (batch, seq) TOKEN_KEYS and (batch,) labels and weights, in these dtypes.
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+BATCH_DTYPES = {"input_ids": np.int32, "attention_mask": np.int32, "token_type_ids": np.int32,
+                "labels": np.int32, "weights": np.float32}
 # One planned batch: its bucket length, its example indices (<= batch_size) in order.
 _Planned = tuple[int, np.ndarray]
 
@@ -79,13 +83,20 @@ def _plan(
     return plan
 
 
+def batch_lengths(data: EncodedPairs, batch_size: int, buckets: Sequence[int]) -> tuple[int, ...]:
+    """The sequence lengths of the batches that :class:`TrainIterator` and :func:`eval_batches`
+    make of ``data`` (every epoch has the same ones: shuffling moves examples, not counts): the
+    shapes a step compiles for."""
+    return tuple(sorted({length for length, _ in _plan(_bucket_of(data, buckets), buckets, batch_size, rng=None)}))
+
+
 def _assemble(data: EncodedPairs, planned: _Planned, batch_size: int) -> Batch:
     """The batch ``planned``, padded to ``batch_size`` rows with weight-0 copies."""
     length, indices = planned
     rows = np.resize(indices, batch_size)  # Repeats real examples to fill the batch.
     batch = data.pad(rows, length)
-    batch["labels"] = data.labels[rows].astype(np.int32)
-    batch["weights"] = (np.arange(batch_size) < len(indices)).astype(np.float32)
+    batch["labels"] = data.labels[rows].astype(BATCH_DTYPES["labels"])
+    batch["weights"] = (np.arange(batch_size) < len(indices)).astype(BATCH_DTYPES["weights"])
     return batch
 
 

@@ -157,10 +157,26 @@ def params_from_hf(
     Raises:
       ValueError: a tensor's shape differs from the model's (checked before any tensor is read).
     """
+    found, missing, unused, init_missing = read_params(model, source, param_dtype=param_dtype, shardings=shardings,
+                                                       quantize=quantize)
+    return unflatten_dict({**found, **init_missing(seed)}, sep="/"), missing, unused
+
+
+def read_params(
+    model: nn.Module,
+    source: TensorSource | Mapping[str, Any] | Iterable[tuple[str, Any]],
+    *,
+    param_dtype: Any = jnp.float32,
+    shardings: Any = None,
+    quantize: Callable[[str, tuple[int, ...]], str | None] | None = None,
+) -> tuple[dict[str, Any], tuple[str, ...], tuple[str, ...], Callable[[int], dict[str, jax.Array]]]:
+    """:func:`params_from_hf`'s work, less the random init: ``({path: param} read from ``source``,
+    paths the checkpoint lacks, checkpoint names not used, init_missing)``, where
+    ``init_missing(seed)`` gives ``{path: param}`` for the lacking paths as `init_params` with
+    that seed would, placed as ``shardings`` says: one compiled program for every seed."""
     if not hasattr(source, "read"):
         source = ArraySource(dict(source))
-    rng = jax.random.key(seed)
-    shapes = flatten_dict(jax.eval_shape(functools.partial(init_params, model), rng))
+    shapes = flatten_dict(jax.eval_shape(lambda: init_params(model, jax.random.key(0))))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         placement = dict.fromkeys(shapes, device)
@@ -208,11 +224,14 @@ def params_from_hf(
                 data=abstract.data_shardings(placement[path])))(w, scheme)
         params[path] = w
     missing = sorted(set(shapes) - set(params))
-    if missing:
-        fresh = jax.jit(lambda r: [flatten_dict(init_params(model, r))[p].astype(param_dtype) for p in missing],
-                        out_shardings=[placement[p] for p in missing])(rng)
-        params.update(zip(missing, fresh))
-    return unflatten_dict(params), tuple("/".join(p) for p in missing), tuple(unused)
+    fresh = jax.jit(lambda seed: [flatten_dict(init_params(model, jax.random.key(seed)))[p].astype(param_dtype)
+                                  for p in missing], out_shardings=[placement[p] for p in missing])
+
+    def init_missing(seed: int) -> dict[str, jax.Array]:
+        return dict(zip(("/".join(p) for p in missing), fresh(np.uint32(seed)))) if missing else {}
+
+    return ({"/".join(p): x for p, x in params.items()}, tuple("/".join(p) for p in missing), tuple(unused),
+            init_missing)
 
 
 def to_hf(params: Any) -> dict[str, np.ndarray]:

@@ -7,16 +7,17 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax.traverse_util import unflatten_dict
 from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerFast
 
-from flaxlora.loading.convert import params_from_hf
+from flaxlora.loading.convert import read_params
 from flaxlora.loading.gguf_file import GGUFFile
 from flaxlora.loading.hf_folder import HFFolder, download
 from flaxlora.loading.provenance import provenance
@@ -51,6 +52,8 @@ class Pretrained:
         scoring label words).
       missing: params paths not in the checkpoint, initialised randomly from `seed`.
       unused: checkpoint tensors the model does not use (e.g. an LM head).
+      init_missing: ``seed -> {path: param}``, the ``missing`` params as another seed initialises
+        them (e.g. each member's classifier in an ensemble), placed as ``params``; one program.
     """
 
     model: nn.Module
@@ -60,6 +63,7 @@ class Pretrained:
     kind: str
     missing: tuple[str, ...] = ()
     unused: tuple[str, ...] = ()
+    init_missing: Callable[[int], dict[str, Any]] | None = None
 
 
 def _locate(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
@@ -204,8 +208,9 @@ def load_pretrained(
     else:
         model = sequence_classifier(config, dtype=dtype, param_dtype=param_dtype)
     shardings = None if mesh is None else param_shardings(model, mesh)
-    params, missing, unused = params_from_hf(model, source, seed=seed, param_dtype=param_dtype,
-                                             shardings=shardings, quantize=_quantizer(quantize, quantize_skip, source))
+    found, missing, unused, init_missing = read_params(model, source, param_dtype=param_dtype, shardings=shardings,
+                                                       quantize=_quantizer(quantize, quantize_skip, source))
+    params = unflatten_dict({**found, **init_missing(seed)}, sep="/")
     if isinstance(config, T5Config):
         _t5_complete(source, missing)
     if missing:
@@ -220,4 +225,5 @@ def load_pretrained(
         kind="text-to-text" if label_words else model_kind(config),
         missing=missing,
         unused=unused,
+        init_missing=init_missing,
     )

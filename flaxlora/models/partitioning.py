@@ -62,6 +62,6 @@ def init_params(model: nn.Module, rng: jax.Array) -> Any:
 def logical_partition_specs(model: nn.Module) -> Any:
     """The params tree of `model` with a `PartitionSpec` of logical axis names per leaf
     (computed abstractly: nothing is allocated)."""
-    boxed = jax.eval_shape(functools.partial(_boxed_init, model), jax.random.key(0))
+    boxed = jax.eval_shape(lambda: _boxed_init(model, jax.random.key(0)))
     return nn.get_partition_spec(boxed)
 

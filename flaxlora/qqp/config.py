@@ -63,8 +63,8 @@ class RunConfig:
     lora: LoraConfig = PLAIN_LORA
     rank_budget: int | None = None  # importance-based rank allocation: total rank spread over the targets
     allocation_batches: int = 8  # train batches whose mean gradient ranks the targets
-    # Adapters trained one after another on the one frozen base, member i as the run member(i), their
-    # class probabilities averaged (flaxlora.qqp.ensemble); 1: a single adapter.
+    # Adapters trained together in one step on the one frozen base, member i seeded as the run member(i),
+    # their class probabilities averaged (flaxlora.qqp.ensemble); 1: a single adapter.
     members: int = 1
 
     learning_rate: float = 5e-4
@@ -172,7 +172,8 @@ class RunConfig:
                              "gives each its own; use --members 1")
 
     def member(self, i: int) -> "RunConfig":
-        """Member ``i`` of an ensemble run: the single-adapter run seeded ``members * seed + i``."""
+        """Member ``i`` of an ensemble run: the single-adapter run seeded ``members * seed + i`` (its
+        adapter, classifier and dropout; the members share member 0's order of batches)."""
         if not 0 <= i < self.members:
             raise ValueError(f"member {i} of a run with {self.members} members")
         return self.replace(members=1, seed=self.members * self.seed + i)

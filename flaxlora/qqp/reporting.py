@@ -107,7 +107,7 @@ def peak_rss_mib() -> float:
 
 
 def mean_throughput(records: list[dict[str, Any]]) -> float | None:
-    """Mean train tokens/s over logged windows, skipping the first (it includes compilation)."""
+    """Mean train tokens/s over logged windows, skipping the first (the warm-up of the first steps)."""
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
     return float(np.mean(rates)) if rates else None
 

@@ -1,6 +1,7 @@
 """Task-agnostic training of a sequence(-pair) classifier with LoRA on a device mesh.
 
-    step.py         TrainState, the jitted sharded train step, learning-rate schedule
+    step.py         TrainState, the jitted sharded train step (one adapter or K members), learning-rate schedule
+    compile.py      the persistent compilation cache; programs compiled up front, concurrently, and counted
     sharding.py     the (data, fsdp, tensor) mesh; where batches and weights are placed
     distributed.py  several processes, one mesh (jax.distributed, gloo on CPUs)
     evaluation.py   the jitted evaluation loop (accuracy, F1, MCC, loss)
@@ -21,25 +22,28 @@ from flaxlora.training.metrics import (
 )
 from flaxlora.training.sharding import make_mesh, parse_mesh
 from flaxlora.training.step import (
-    SkipGuard,
     StepOptions,
     TrainState,
     all_finite,
+    init_member_states,
     init_train_state,
+    jit_members_step,
     jit_train_step,
     learning_rate_schedule,
     logits_fn,
+    train_members_step,
     train_step,
 )
 
 __all__ = [
-    "SkipGuard",
     "StepOptions",
     "TrainState",
     "all_finite",
     "confusion_counts",
     "evaluate",
+    "init_member_states",
     "init_train_state",
+    "jit_members_step",
     "jit_train_step",
     "learning_rate_schedule",
     "logits_fn",
@@ -47,6 +51,7 @@ __all__ = [
     "make_mesh",
     "metrics_from_counts",
     "parse_mesh",
+    "train_members_step",
     "train_step",
     "weighted_cross_entropy",
 ]

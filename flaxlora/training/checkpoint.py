@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -82,20 +81,20 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, state: TrainState, meta: dict[str, Any], *, block: bool = True) -> None:
+    def save(self, state: TrainState, meta: dict[str, Any], *, block: bool = True, check_finite: bool = True) -> None:
         """Save ``state`` at its step with ``meta`` (JSON-serialisable).
 
-        ``block=False`` returns once a private copy of ``state`` is taken (so the caller may donate
-        its buffers to the next step) and writes it in the background; the next save, a restore
-        and :meth:`close` wait for it.
+        ``block=False`` returns once orbax has copied ``state`` to host memory (so the caller may
+        donate its buffers to the next step) and writes it in the background; the next save, a
+        restore and :meth:`close` wait for it.
 
-        Raises FloatingPointError, saving nothing, if a trainable value is not finite."""
+        Raises FloatingPointError, saving nothing, if a trainable value is not finite
+        (``check_finite=False``: the caller guarantees it, as the train step does by skipping
+        non-finite updates; the check is one more program to compile)."""
         step = int(jax.device_get(state.step))
-        if not bool(_all_finite(state.trainable)):
+        if check_finite and not bool(_all_finite(state.trainable)):
             raise FloatingPointError(f"refusing to save step {step}: the trainable params hold NaN or Inf")
         self._manager.wait_until_finished()
-        if not block:
-            state = jax.tree.map(jnp.copy, state)
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
         self._manager.save(
             step,
@@ -161,7 +160,7 @@ class Checkpointer:
     def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
         """Restore the state at ``step`` (default: the newest readable) into the structure, shapes and
         shardings of ``target``, a freshly initialised state placed as the run wants it (any mesh),
-        plus its metadata."""
+        plus its metadata. ``skipped_in_a_row`` is not saved: ``target``'s (0) is kept."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         train = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
         args = ocp.args.Composite(
@@ -171,7 +170,8 @@ class Checkpointer:
         )
         restored = self._newest_readable(lambda s: self._manager.restore(s, args=args), step)
         t = restored["train"]
-        state = TrainState(step=t["step"], trainable=restored["trainable"], opt_state=t["opt_state"], rng=t["rng"])
+        state = TrainState(step=t["step"], trainable=restored["trainable"], opt_state=t["opt_state"], rng=t["rng"],
+                           skipped_in_a_row=target.skipped_in_a_row)
         return state, dict(restored["meta"])
 
     def restore_for_inference(self, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:

@@ -34,17 +34,38 @@ def model_logits(model: nn.Module) -> Logits:
     )
 
 
-def make_eval_step(model: nn.Module | Logits, mesh: Mesh | None = None, param_shardings: PyTree = None):
-    """``step(params, batch, totals) -> totals``, jitted; ``totals = (counts (4,), loss_sum, weight_sum)``.
+def ensemble_logits(logits: jax.Array) -> jax.Array:
+    """(members, batch, classes) -> (batch, classes): the log of the members' mean class
+    probabilities (an ensemble's scores: softmax gives the mean back)."""
+    return jnp.log(jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=0))
 
-    model: a classifier module, or ``logits(params, batch)``.
+
+def eval_totals(members: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero totals for :func:`make_eval_step`: ``(counts (4,), loss sum (), weight sum ())``; for
+    ``members`` K, counts (K+1, 4) and loss sums (K+1,): the members', then their ensemble's."""
+    rows = () if members is None else (members + 1,)
+    return np.zeros((*rows, 4), np.float32), np.zeros(rows, np.float32), np.zeros((), np.float32)
+
+
+def make_eval_step(model: nn.Module | Logits, mesh: Mesh | None = None, param_shardings: PyTree = None,
+                   members: bool = False):
+    """``step(params, batch, totals) -> totals``, jitted; totals as :func:`eval_totals` makes them.
+
+    model: a classifier module, or ``logits(params, batch)``; with ``members``, ``logits`` returns
+    (K, batch, classes) and each member is counted, then their ensemble (:func:`ensemble_logits`).
     """
     forward = model_logits(model) if isinstance(model, nn.Module) else model
 
     def step(params, batch, totals):
         logits = forward(params, batch)
-        loss, weight = weighted_cross_entropy(logits, batch["labels"], batch["weights"])
-        counts = confusion_counts(logits, batch["labels"], batch["weights"])
+        labels, weights = batch["labels"], batch["weights"]
+        if members:
+            logits = jnp.concatenate([logits.astype(jnp.float32), ensemble_logits(logits)[None]])
+            loss, weight = jax.vmap(lambda x: weighted_cross_entropy(x, labels, weights))(logits)
+            counts, weight = jax.vmap(lambda x: confusion_counts(x, labels, weights))(logits), weight[0]
+        else:
+            loss, weight = weighted_cross_entropy(logits, labels, weights)
+            counts = confusion_counts(logits, labels, weights)
         return totals[0] + counts, totals[1] + loss, totals[2] + weight
 
     if mesh is None:
@@ -62,19 +83,25 @@ def evaluate(
     mesh: Mesh | None = None,
     param_shardings: PyTree = None,
     step=None,
-) -> dict[str, float]:
+    members: int | None = None,
+) -> dict[str, float] | list[dict[str, float]]:
     """Metrics of ``model`` with ``params`` over ``batches`` (dicts with a ``weights`` row mask).
 
-    Returns accuracy, f1, mcc, precision, recall, loss (weighted mean) and n (examples counted).
-    Pass ``step`` from :func:`make_eval_step` to reuse its compilation across calls.
+    Returns accuracy, f1, mcc, precision, recall, loss (weighted mean) and n (examples counted);
+    for ``members`` K (``model`` returns (K, batch, classes)) a list of K + 1 such dicts: the
+    members', then their ensemble's. Pass ``step`` from :func:`make_eval_step` (or one compiled
+    ahead per batch shape: ``{batch length: compiled}``) to reuse its compilation across calls.
     """
-    step = step or make_eval_step(model, mesh, param_shardings)
-    totals = (jnp.zeros(4, jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    step = step or make_eval_step(model, mesh, param_shardings, members=members is not None)
+    totals = eval_totals(members)
     for batch in batches:
         batch = sharding.global_batch(batch, mesh) if mesh is not None else dict(batch)
-        totals = step(params, batch, totals)
-    counts, loss, weight = jax.device_get(totals)
-    result = {k: float(v) for k, v in metrics_from_counts(counts).items()}
-    result["loss"] = float(loss / max(weight, 1.0))
-    result["n"] = int(round(float(weight)))
-    return result
+        run = step[batch["input_ids"].shape[1]] if isinstance(step, Mapping) else step
+        totals = run(params, batch, totals)
+    counts, losses, weight = jax.device_get(totals)
+    metrics = metrics_from_counts(counts)
+    n = int(round(float(weight)))
+    rows = [{**{k: float(v[i] if members is not None else v) for k, v in metrics.items()},
+             "loss": float((losses[i] if members is not None else losses) / max(weight, 1.0)), "n": n}
+            for i in range(1 if members is None else members + 1)]
+    return rows[0] if members is None else rows

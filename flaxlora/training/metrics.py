@@ -1,4 +1,4 @@
-"""Classification loss and binary metrics as pure jnp functions, usable inside ``jit``.
+"""Classification loss and binary metrics as pure functions, usable inside ``jit``.
 
 Sum ``confusion_counts`` over batches (padding rows have weight 0), then call
 ``metrics_from_counts`` once. Class 1 (duplicate) is the positive class.
@@ -6,8 +6,11 @@ Sum ``confusion_counts`` over batches (padding rows have weight 0), then call
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -37,26 +40,31 @@ def confusion_counts(logits: jax.Array, labels: jax.Array, weights: jax.Array) -
     return jnp.sum(cells * weights, axis=-1)
 
 
-def _ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+def _ratio(numerator, denominator, xp=jnp):
     """numerator / denominator, 0 where the denominator is 0 (scikit-learn's zero_division)."""
-    safe = jnp.where(denominator > 0, denominator, 1.0)
-    return jnp.where(denominator > 0, numerator / safe, 0.0)
+    safe = xp.where(denominator > 0, denominator, 1.0)
+    return xp.where(denominator > 0, numerator / safe, 0.0)
 
 
-def metrics_from_counts(counts: jax.Array) -> dict[str, jax.Array]:
-    """Accuracy, F1, MCC, precision and recall (scalars) from (4,) summed (tp, fp, tn, fn).
+def metrics_from_counts(counts: jax.Array | np.ndarray) -> dict[str, jax.Array | np.ndarray]:
+    """Accuracy, F1, MCC, precision and recall from summed (tp, fp, tn, fn): (4,) counts give
+    scalars, (..., 4) give (...,). On a jax array (under jit too) in jnp, on a numpy array in
+    numpy (no program to compile), float32 either way.
 
     Undefined values are 0, as scikit-learn returns them: precision with no positive
     predictions, recall with no positive labels, F1 with neither, MCC with any empty row or
     column of the confusion matrix.
     """
-    tp, fp, tn, fn = jnp.asarray(counts, jnp.float32)
+    xp = jnp if isinstance(counts, jax.Array) else np
+    counts = xp.asarray(counts, xp.float32)
+    tp, fp, tn, fn = (counts[..., i] for i in range(4))
     # sqrt of each factor separately keeps the product in float32 range for large counts.
-    mcc_denominator = jnp.sqrt(tp + fp) * jnp.sqrt(tp + fn) * jnp.sqrt(tn + fp) * jnp.sqrt(tn + fn)
+    mcc_denominator = xp.sqrt(tp + fp) * xp.sqrt(tp + fn) * xp.sqrt(tn + fp) * xp.sqrt(tn + fn)
+    ratio = functools.partial(_ratio, xp=xp)
     return {
-        "accuracy": _ratio(tp + tn, tp + fp + tn + fn),
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-        "mcc": _ratio(tp * tn - fp * fn, mcc_denominator),
-        "precision": _ratio(tp, tp + fp),
-        "recall": _ratio(tp, tp + fn),
+        "accuracy": ratio(tp + tn, tp + fp + tn + fn),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "mcc": ratio(tp * tn - fp * fn, mcc_denominator),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
     }

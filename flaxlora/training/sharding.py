@@ -7,7 +7,6 @@ several hosts, build the mesh after ``jax.distributed.initialize()``; it spans a
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -18,6 +17,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flaxlora.data.batching import BATCH_DTYPES, TOKEN_KEYS
 from flaxlora.models import LOGICAL_AXIS_RULES, init_params, logical_partition_specs
 from flaxlora.pytree import PyTree
 
@@ -119,8 +119,16 @@ def logical_shardings(params: PyTree, logical_specs: PyTree, mesh: Mesh, rules) 
 def param_shardings(model: nn.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> PyTree:
     """NamedSharding per param of ``model`` (a :mod:`flaxlora.models` module) on ``mesh``, from its
     logical axes; computed abstractly (nothing is allocated)."""
-    shapes = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     return logical_shardings(shapes, logical_partition_specs(model), mesh, rules)
+
+
+def batch_spec(mesh: Mesh, batch_size: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes, dtypes and shardings of a (batch_size, length) batch as :func:`global_batch`
+    places it: what a step is compiled for ahead of its first batch."""
+    shapes = {key: (batch_size, length) if key in TOKEN_KEYS else (batch_size,) for key in BATCH_DTYPES}
+    return {key: jax.ShapeDtypeStruct(shape, BATCH_DTYPES[key], sharding=batch_sharding(mesh))
+            for key, shape in shapes.items()}
 
 
 def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -10,11 +10,13 @@ no gradient is ever formed for them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh
@@ -35,17 +37,19 @@ LogitsFn = Callable[[PyTree, PyTree, Batch, "jax.Array | None"], jax.Array]
 
 
 class TrainState(struct.PyTreeNode):
-    """Everything that changes during training (and is checkpointed).
+    """Everything that changes during training.
 
     ``trainable`` is ``{"lora": adapter tree, "extras": fully trained params}``; ``rng`` holds
     the raw key data of the step keys (step ``i`` uses ``fold_in(rng, i)``, so a resumed run
-    draws the same dropout masks).
+    draws the same dropout masks); ``skipped_in_a_row`` () int32 counts the updates skipped in a
+    row for a non-finite loss or gradient up to now (not checkpointed: a resumed run counts from 0).
     """
 
     step: jax.Array
     trainable: PyTree
     opt_state: PyTree
     rng: jax.Array
+    skipped_in_a_row: jax.Array
 
 
 def init_train_state(
@@ -63,27 +67,100 @@ def init_train_state(
     float32, in ``state.trainable["extras"]``; :func:`~flaxlora.lora.adapters.with_extras` puts
     them back), with the residual ``W - s a@b`` at the targets for PiSSA/OLoRA.
     """
+    init = _state_initializer(params, config, tx)
+    shardings = None
+    if mesh is not None:
+        state_shape, residuals_shape = jax.eval_shape(init, params, rng)
+        shardings = _init_shardings(params, tx, mesh, state_shape, residuals_shape)
+    state, residuals = jax.jit(init, out_shardings=shardings)(params, rng)
+    return state, _frozen(params, config, residuals)
+
+
+def init_member_states(
+    params: PyTree,
+    config: LoraConfig,
+    tx: optax.GradientTransformation,
+    seeds: Sequence[int],
+    mesh: Mesh | None = None,
+    extras: Sequence[dict[str, jax.Array]] | None = None,
+) -> tuple[tuple[TrainState, ...], PyTree]:
+    """``(states, frozen)``: K = ``len(seeds)`` members on one frozen base, member i's state
+    :func:`init_train_state`'s with ``jax.random.key(seeds[i])``, all made by one program.
+
+    extras: per member, ``{path: value}`` of fully trained params that start from another value
+    than ``params`` holds (e.g. each member's classifier, initialised from its own seed).
+    PiSSA/OLoRA inits (a residual base per member) are refused for K > 1.
+    """
+    if config.init in RESIDUAL_INITS and len(seeds) > 1:
+        raise ValueError(f"init {config.init!r} gives each member its own residual base: members need one frozen base")
+    init = _state_initializer(params, config, tx)
+
+    def member(params: PyTree, seed: jax.Array, own: dict[str, jax.Array]) -> tuple[TrainState, PyTree]:
+        state, residuals = init(params, jax.random.key(seed))
+        flat = pytree.flatten(state.trainable["extras"])
+        flat.update({p: v.astype(flat[p].dtype) for p, v in own.items()})
+        return state.replace(trainable={**state.trainable, "extras": pytree.unflatten(flat)}), residuals
+
+    def states(params: PyTree, seeds: jax.Array, extras: list[dict[str, jax.Array]]):
+        if len(seeds) == 1:
+            state, residuals = member(params, seeds[0], extras[0])
+            return (state,), residuals
+        stacked_extras = {p: jnp.stack([e[p] for e in extras]) for p in extras[0]}
+        stacked, residuals = jax.vmap(member, in_axes=(None, 0, 0))(params, seeds, stacked_extras)
+        return unstack(stacked, len(seeds)), jax.tree.map(lambda x: x[0], residuals)
+
+    extras = list(extras) if extras else [{} for _ in seeds]
+    if len(extras) != len(seeds) or any(set(e) != set(extras[0]) for e in extras):
+        raise ValueError(f"extras: one dict per member ({len(seeds)}), all with the same paths")
+    shardings = None
+    if mesh is not None:
+        state_shape, residuals_shape = jax.eval_shape(lambda p: init(p, jax.random.key(0)), params)
+        state_sharding, residual_sharding = _init_shardings(params, tx, mesh, state_shape, residuals_shape)
+        shardings = ((state_sharding,) * len(seeds), residual_sharding)
+    members, residuals = jax.jit(states, out_shardings=shardings)(params, np.asarray(seeds, np.uint32), extras)
+    return members, _frozen(params, config, residuals)
+
+
+def _state_initializer(params: PyTree, config: LoraConfig, tx: optax.GradientTransformation):
+    """``init(params, key) -> (state, {path: PiSSA/OLoRA residual})``, to be jitted."""
     extras_paths = trainable_paths(params, config)
     residual_paths = list(resolve_targets(params, config)) if config.init in RESIDUAL_INITS else []
 
-    def fresh(params: PyTree, rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    def init(params: PyTree, rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         init_rng, step_rng = jax.random.split(rng)
         base, lora = init_adapter(params, config, init_rng)
         flat = pytree.flatten(base)
         trainable = {"lora": lora, "extras": pytree.unflatten({p: flat[p].astype(jnp.float32) for p in extras_paths})}
         state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
-                           rng=jax.random.key_data(step_rng))
+                           rng=jax.random.key_data(step_rng), skipped_in_a_row=jnp.zeros((), jnp.int32))
         return state, {p: flat[p] for p in residual_paths}
 
-    shardings = None
-    if mesh is not None:
-        placed = pytree.flatten(jax.tree.map(lambda x: x.sharding, params))
-        state_shape, _ = jax.eval_shape(fresh, params, rng)
-        shardings = (state_shardings(state_shape, tx, mesh, placed), {p: placed[p] for p in residual_paths})
-    state, residuals = jax.jit(fresh, out_shardings=shardings)(params, rng)
+    return init
+
+
+def _init_shardings(params: PyTree, tx: optax.GradientTransformation, mesh: Mesh, state_shape: TrainState,
+                    residuals_shape: dict[str, jax.ShapeDtypeStruct]):
+    """(state shardings, {path: residual sharding}): the state per :func:`state_shardings`, a
+    residual in its weight's sharding."""
+    placed = pytree.flatten(jax.tree.map(lambda x: x.sharding, params))
+    return state_shardings(state_shape, tx, mesh, placed), {p: placed[p] for p in residuals_shape}
+
+
+def _frozen(params: PyTree, config: LoraConfig, residuals: dict[str, jax.Array]) -> PyTree:
+    """``params`` less the fully trained extras, with the residuals at their paths."""
+    extras_paths = set(trainable_paths(params, config))
     flat = {**pytree.flatten(params), **residuals}
-    frozen = pytree.unflatten({p: x for p, x in flat.items() if p not in extras_paths})
-    return state, frozen
+    return pytree.unflatten({p: x for p, x in flat.items() if p not in extras_paths})
+
+
+def stack(states: Sequence[TrainState]) -> TrainState:
+    """Members' states as one, each leaf with a leading member axis (inside jit: one copy of small trees)."""
+    return jax.tree.map(lambda *x: jnp.stack(x), *states)
+
+
+def unstack(stacked: TrainState, members: int) -> tuple[TrainState, ...]:
+    """The inverse of :func:`stack`."""
+    return tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(members))
 
 
 def state_shardings(state: TrainState, tx: optax.GradientTransformation, mesh: Mesh,
@@ -115,7 +192,7 @@ def state_shardings(state: TrainState, tx: optax.GradientTransformation, mesh: M
         return rep
 
     opt_state = jax.tree_util.tree_map_with_path(like_param, state.opt_state)
-    return TrainState(step=rep, trainable=trainable, opt_state=opt_state, rng=rep)
+    return TrainState(step=rep, trainable=trainable, opt_state=opt_state, rng=rep, skipped_in_a_row=rep)
 
 
 LORA_PATHS = ("merged", "factored")
@@ -166,14 +243,29 @@ class StepOptions:
     accum_steps: micro-batches per step (gradient accumulation); the batch splits along axis 0
       and the step's gradient is the weighted mean over all of them, as one big batch would give.
     label_smoothing: cross-entropy label smoothing.
+    max_skipped_steps: once this many updates in a row were skipped (non-finite), the step
+      leaves the state as it is, its step counter too: the run has stopped where it diverged,
+      and the host, which reads ``skipped_in_a_row`` only when it logs, finds it there. None: never.
+    learning_rate: the optimizer's schedule, reported as the metric ``lr`` of each step (computed
+      on the device, so the host reads it with the other metrics).
     """
 
     accum_steps: int = 1
     label_smoothing: float = 0.0
+    max_skipped_steps: int | None = None
+    learning_rate: optax.Schedule | None = None
 
     def __post_init__(self):
         if self.accum_steps < 1:
             raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
+        if self.max_skipped_steps is not None and self.max_skipped_steps < 1:
+            raise ValueError(f"the limit of skipped steps in a row must be >= 1, got {self.max_skipped_steps}")
+
+    def halted(self, state: TrainState) -> jax.Array:
+        """() bool: ``state`` has reached ``max_skipped_steps`` (False without a limit)."""
+        if self.max_skipped_steps is None:
+            return jnp.zeros((), bool)
+        return state.skipped_in_a_row >= self.max_skipped_steps
 
 
 def train_step(
@@ -184,9 +276,13 @@ def train_step(
     apply: LogitsFn,
     tx: optax.GradientTransformation,
     options: StepOptions = StepOptions(),
+    halted: jax.Array | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on ``batch`` (leading axis: examples); returns the new state and metrics."""
+    """One optimizer step on ``batch`` (leading axis: examples); returns the new state and metrics
+    ``loss``, ``grad_norm``, ``skipped`` (the update was not applied) and ``lr`` (with
+    ``options.learning_rate``). ``halted`` (default ``options.halted(state)``): leave ``state`` as it is."""
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    halted = options.halted(state) if halted is None else halted
 
     def micro_grads(carry, xs):
         micro, rng = xs
@@ -214,39 +310,48 @@ def train_step(
     # A non-finite loss, gradient or result skips the update: params and optimizer state stay as
     # they were, only the step advances (its batch is consumed). optax.apply_if_finite checks the
     # gradient only and applies the update anyway after a number of failures; here the run stops
-    # instead (SkipGuard), and the state never holds a non-finite value.
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(trainable)
+    # instead (options.max_skipped_steps), and the state never holds a non-finite value.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(trainable)
+    ok = finite & ~halted
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     new_state = state.replace(
-        step=state.step + 1, trainable=keep(trainable, state.trainable), opt_state=keep(opt_state, state.opt_state)
+        step=jnp.where(halted, state.step, state.step + 1),
+        trainable=keep(trainable, state.trainable),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped_in_a_row=jnp.where(halted, state.skipped_in_a_row, jnp.where(finite, 0, state.skipped_in_a_row + 1)),
     )
-    return new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok}
+    if options.learning_rate is not None:
+        metrics["lr"] = jnp.asarray(options.learning_rate(state.step), jnp.float32)
+    return new_state, metrics
+
+
+def train_members_step(
+    states: tuple[TrainState, ...],
+    frozen: PyTree,
+    batch: Batch,
+    *,
+    apply: LogitsFn,
+    tx: optax.GradientTransformation,
+    options: StepOptions = StepOptions(),
+) -> tuple[tuple[TrainState, ...], dict[str, jax.Array]]:
+    """:func:`train_step` of K members on one frozen base and one batch: their states stacked on a
+    leading member axis and the step vmapped over it, so every frozen weight is read once for all
+    (the base's matmuls take the members' activations as one batch). Metrics are (K,); one state
+    (K = 1) is stepped as it is, metrics scalars. When one member reaches ``max_skipped_steps``, all halt."""
+    if len(states) == 1:
+        state, metrics = train_step(states[0], frozen, batch, apply=apply, tx=tx, options=options)
+        return (state,), metrics
+    stacked = stack(states)
+    halted = jnp.any(jax.vmap(options.halted)(stacked))
+    step = lambda s: train_step(s, frozen, batch, apply=apply, tx=tx, options=options, halted=halted)  # noqa: E731
+    stepped, metrics = jax.vmap(step)(stacked)
+    return unstack(stepped, len(states)), metrics
 
 
 def all_finite(tree: PyTree) -> jax.Array:
     """() bool: every value of every leaf of ``tree`` is finite."""
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-class SkipGuard:
-    """Counts updates skipped in a row (``train_step``'s ``"skipped"`` metric).
-
-    Each step's flag is read when the next step has been dispatched, so the host never waits for
-    the step it just started; ``update`` says whether the ``limit`` steps before were all skipped.
-    """
-
-    def __init__(self, limit: int):
-        if limit < 1:
-            raise ValueError(f"the limit of skipped steps in a row must be >= 1, got {limit}")
-        self.limit, self.in_a_row, self._pending = limit, 0, None
-
-    def update(self, skipped: jax.Array) -> bool:
-        """Records the flag of the step just dispatched; True when the ``limit`` steps before it
-        were all skipped."""
-        previous, self._pending = self._pending, skipped
-        if previous is not None:
-            self.in_a_row = self.in_a_row + 1 if bool(previous) else 0
-        return self.in_a_row >= self.limit
 
 
 def jit_train_step(
@@ -263,15 +368,32 @@ def jit_train_step(
 
     Returns ``(step_fn, state_shardings)``; call ``step_fn(state, frozen, batch)``.
     """
+    step = functools.partial(train_step, apply=apply, tx=tx, options=options)
+    return _jit_step(step, mesh, state, frozen), jax.tree.map(lambda x: x.sharding, state)
+
+
+def jit_members_step(
+    apply: LogitsFn,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    states: tuple[TrainState, ...],
+    frozen: PyTree,
+    options: StepOptions = StepOptions(),
+):
+    """``train_members_step`` jitted over ``mesh`` as :func:`jit_train_step` jits ``train_step``:
+    call ``step_fn(states, frozen, batch)``."""
+    step = functools.partial(train_members_step, apply=apply, tx=tx, options=options)
+    return _jit_step(step, mesh, states, frozen)
+
+
+def _jit_step(step: Callable, mesh: Mesh, state: PyTree, frozen: PyTree):
     state_shardings, frozen_shardings = jax.tree.map(lambda x: x.sharding, (state, frozen))
-    batch_shardings = sharding.batch_sharding(mesh)
-    step = jax.jit(
-        lambda s, f, b: train_step(s, f, b, apply=apply, tx=tx, options=options),
-        in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
-    return step, state_shardings
 
 
 def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int, decay: str = "linear") -> optax.Schedule:
