@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loraplus-ratio", type=float, help="LoRA+: learning-rate ratio of B to A")
     p.add_argument("--warmup-ratio", type=float, help="share of the steps with a linear learning-rate warmup")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default 0)")
     p.add_argument("--max-length", type=int, help="most tokens per pair (longest-first truncation)")
     p.add_argument("--buckets", type=_lengths, help="comma-separated static sequence lengths, e.g. 32,64,128 "
                                                  "(default: 4 even steps up to --max-length)")
@@ -83,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
                    help="stop the run after this many updates in a row skipped for a non-finite loss or "
                         "gradient (default 5); skipped updates leave the weights unchanged")
     p.add_argument("--save-every", type=int, help="checkpoint every K steps (and at the end)")
+    p.add_argument("--keep-checkpoints", type=int, help="how many of the newest checkpoints to keep (default 3)")
     p.add_argument("--log-every", type=int, help="log loss and throughput every L steps")
     p.add_argument("--eval-every", type=int, help="evaluate on the validation split every E steps (default 200; 0: at the end only)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --output-dir")
@@ -175,7 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     from flaxlora.training.compile import default_compilation_cache, use_compilation_cache
 
-    use_compilation_cache(None if args.compilation_cache == "none" else args.compilation_cache or default_compilation_cache())
+    try:
+        use_compilation_cache(None if args.compilation_cache == "none" else args.compilation_cache or default_compilation_cache())
+    except OSError as err:
+        p.error(f"--compilation-cache: cannot use {err.filename}: {err.strerror}; give a writable folder or none")
     main_process = jax.process_index() == 0
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s", force=True)
     for noisy in ("absl", "jax", "orbax", "httpx", "huggingface_hub"):

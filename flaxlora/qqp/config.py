@@ -132,6 +132,7 @@ class RunConfig:
             (self.eval_examples is None or self.eval_examples >= 1, f"eval_examples must be >= 1, got {self.eval_examples}"),
             (self.rank_budget is None or self.rank_budget >= 1, f"rank_budget must be >= 1, got {self.rank_budget}"),
             (self.max_skipped_steps >= 1, f"max_skipped_steps must be >= 1, got {self.max_skipped_steps}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.members >= 1 and self.members * (self.seed + 1) <= 2**32,
              f"members must be >= 1 with members * (seed + 1) <= 2**32 (the members' seeds), got {self.members} "
              f"with seed {self.seed}"),
