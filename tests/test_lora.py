@@ -270,3 +270,28 @@ def test_apply_lora_jits_with_static_config():
     lora = perturb_b(flaxlora.init_lora(params, config, jax.random.key(0)))
     fn = jax.jit(flaxlora.apply_lora, static_argnums=2)
     close(fn(params, lora, config)["ffn"]["kernel"], flaxlora.apply_lora(params, lora, config)["ffn"]["kernel"])
+
+
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_fold_is_the_mean_update_as_one_adapter_of_k_times_the_rank(scaling):
+    """Three adapters (multi-axis kernels and a stacked one) folded: the folded adapter, merged with
+    its own config (rank 3 r), equals the mean of the three merged models; extras are averaged."""
+    _, params, _ = toy_setup()
+    params = {**params, "layers": {"mlp": {"kernel": jax.random.normal(jax.random.key(9), (3, 16, 8))}}}
+    config = cfg(scaling=scaling, targets=r"(query|key|value|out|ffn|mlp)/kernel$", stack_axes={"layers": 1},
+                 trainable=r"^head/bias$")
+    members = []
+    for seed in range(3):
+        lora = perturb_b(flaxlora.init_lora(params, config, jax.random.key(seed)), seed=seed)
+        extras = {"head": {"bias": params["head"]["bias"] + seed}}
+        members.append({"lora": lora, "extras": extras})
+    folded, folded_config = flaxlora.fold(members, config)
+    assert folded_config.rank == 3 * config.rank
+    assert folded["lora"]["query"]["kernel"]["a"].shape[-1] == 6 and folded["lora"]["layers"]["mlp"]["kernel"]["b"].shape == (3, 6, 8)
+    merged = flaxlora.merge(params, folded["lora"], folded_config, folded["extras"])
+    mean = jax.tree.map(lambda *x: sum(x) / 3, *[flaxlora.merge(params, m["lora"], config, m["extras"]) for m in members])
+    for path, leaf in pytree.flatten(mean).items():
+        close(pytree.flatten(merged)[path], leaf, tol=1e-5)
+    assert not np.allclose(mean["query"]["kernel"], params["query"]["kernel"])  # the updates are not zero
+    with pytest.raises(ValueError, match="DoRA"):
+        flaxlora.fold(members, config.replace(use_dora=True))

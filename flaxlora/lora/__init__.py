@@ -5,6 +5,7 @@
     adapters.py         init / apply (merge) / unmerge / extract adapters on a params tree
     variants.py         initialisations (LoRA, Gaussian, PiSSA, OLoRA) and DoRA's norm
     factored.py         x @ W + s (x @ a) @ b inside linen Dense layers, never forming W + dW
+    fold.py             K adapters as one of rank K r whose update is their mean
     optim.py            AdamW with LoRA+ and decay where it belongs; optax masks and labels
     summary.py          trainable vs total parameters
     rank_allocation.py  spread a rank budget over the targets by gradient importance
@@ -25,6 +26,7 @@ from flaxlora.lora.adapters import (
 )
 from flaxlora.lora.config import LoraConfig
 from flaxlora.lora.factored import apply_factored, lora_interceptor
+from flaxlora.lora.fold import fold
 from flaxlora.lora.optim import (
     adapter_labels,
     freeze_labels,
@@ -53,6 +55,7 @@ __all__ = [
     "apply_factored",
     "apply_lora",
     "extract_lora",
+    "fold",
     "freeze_labels",
     "init_adapter",
     "init_lora",
