@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ratio", type=float, help="share of the steps with a linear learning-rate warmup")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
     p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default 0)")
+    p.add_argument("--rdrop", type=float, help="R-Drop: two dropout passes per example, the loss adds RDROP x the "
+                                               "symmetric KL of their predictions (twice the compute; default 0: off)")
     p.add_argument("--max-length", type=int, help="most tokens per pair (longest-first truncation)")
     p.add_argument("--buckets", type=_lengths, help="comma-separated static sequence lengths, e.g. 32,64,128 "
                                                  "(default: 4 even steps up to --max-length)")

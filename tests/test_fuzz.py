@@ -173,7 +173,7 @@ FLAGS = {
     "--seed": NUMBER, "--max-steps": NUMBER, "--epochs": NUMBER, "--batch-size": NUMBER, "--eval-batch-size": NUMBER,
     "--eval-examples": NUMBER, "--accum-steps": NUMBER, "--learning-rate": NUMBER, "--loraplus-ratio": NUMBER,
     "--max-length": NUMBER, "--rank": NUMBER, "--alpha": NUMBER, "--rank-budget": NUMBER, "--save-every": NUMBER,
-    "--log-every": NUMBER, "--eval-every": NUMBER, "--max-skipped-steps": NUMBER, "--label-smoothing": NUMBER,
+    "--log-every": NUMBER, "--eval-every": NUMBER, "--max-skipped-steps": NUMBER, "--label-smoothing": NUMBER, "--rdrop": NUMBER,
     "--keep-checkpoints": NUMBER,
     "--compilation-cache": st.sampled_from(["none", "/proc/no-such-dir", "", "/dev/null/cache"]),
     "--buckets": st.one_of(st.lists(st.integers(-2, 600), min_size=1, max_size=4).map(lambda v: ",".join(map(str, v))), text),
@@ -218,6 +218,7 @@ def test_cli_flags_give_a_run_config_or_one_line_error(script, chosen):
     (["--max-skipped-steps", "0"], "max_skipped_steps must be >= 1"),
     (["--loraplus-ratio", "-1"], "loraplus_ratio must be > 0"),
     (["--label-smoothing", "1"], "label_smoothing must be in [0, 1)"),
+    (["--rdrop", "-1"], "rdrop must be >= 0 and finite"),
     (["--keep-checkpoints", "0"], "keep_checkpoints must be >= 1"),
     (["--compilation-cache", "/dev/null/cache"], "--compilation-cache: cannot use /dev/null/cache"),
 ])

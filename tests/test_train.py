@@ -266,3 +266,25 @@ def test_members_in_one_step_are_each_members_own_step():
     members, _ = together(members, frozen, poisoned)  # both skip: the limit of 1 is reached
     after, metrics = together(members, frozen, toy_batches(1, seed=10)[0])
     assert [int(m.step) for m in after] == [4, 4] and bool(np.all(metrics["skipped"]))
+
+
+def test_rdrop_adds_the_symmetric_kl_of_two_dropout_passes():
+    """The loss is the mean of two passes' cross-entropies (two dropout masks) plus rdrop times the
+    symmetric KL of their predictions; without dropout both passes agree and it is the plain loss."""
+    for dropout in (0.0, 0.3):
+        model, _, tx, state, frozen = setup(model=ToyClassifier(dropout=dropout))
+        apply = training.logits_fn(model, CONFIG, "factored")
+        batch = toy_batches(1, seed=11)[0]
+        options = training.StepOptions(rdrop=2.0)
+        _, metrics = jax.jit(lambda s, f, b: training.train_step(s, f, b, apply=apply, tx=tx, options=options))(
+            state, frozen, batch)
+        rng = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), 1)[0]
+        first, second = (apply(frozen, state.trainable, batch, r) for r in jax.random.split(rng))
+        cross = [training.weighted_cross_entropy(x, batch["labels"], batch["weights"])[0] for x in (first, second)]
+        p, q = jax.nn.softmax(first), jax.nn.softmax(second)
+        kl = np.sum(np.sum((p - q) * (np.log(p) - np.log(q)), axis=-1) / 2 * batch["weights"])
+        expected = ((cross[0] + cross[1]) / 2 + 2.0 * kl) / batch["weights"].sum()
+        np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+        assert (kl > 1e-4) == (dropout > 0)
+    with pytest.raises(ValueError, match="rdrop must be >= 0"):
+        training.StepOptions(rdrop=-1.0)

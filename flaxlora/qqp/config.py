@@ -73,6 +73,7 @@ class RunConfig:
     max_grad_norm: float | None = 1.0
     max_skipped_steps: int = 5  # stop after this many updates in a row skipped for a non-finite loss or gradient
     label_smoothing: float = 0.0
+    rdrop: float = 0.0  # R-Drop: two dropout passes per example, + rdrop x their symmetric KL (StepOptions)
     warmup_ratio: float = 0.06
     decay: str = "linear"
 
@@ -118,6 +119,7 @@ class RunConfig:
             (self.max_grad_norm is None or 0 < self.max_grad_norm < math.inf,
              f"max_grad_norm must be > 0 and finite (or None), got {self.max_grad_norm}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.rdrop < math.inf, f"rdrop must be >= 0 and finite, got {self.rdrop}"),
             (0 < self.epochs < math.inf, f"epochs must be > 0 and finite, got {self.epochs}"),
             (self.max_steps is None or 1 <= self.max_steps <= MAX_STEPS,
              f"max_steps must be in [1, {MAX_STEPS}], got {self.max_steps}"),

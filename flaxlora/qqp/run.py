@@ -307,7 +307,7 @@ def _finetune(run: RunConfig, out: epath.Path, resume: bool, progress: bool, sta
                                                  extras=member_extras(pretrained, lora, seeds))
     pretrained = dataclasses.replace(pretrained, params=None)  # the frozen tree shares its arrays
     apply = training.logits_fn(pretrained.model, lora, run.lora_path)
-    options = training.StepOptions(accum_steps=run.accum_steps, label_smoothing=run.label_smoothing,
+    options = training.StepOptions(accum_steps=run.accum_steps, label_smoothing=run.label_smoothing, rdrop=run.rdrop,
                                    max_skipped_steps=run.max_skipped_steps, learning_rate=schedule)
     iterator = TrainIterator(encoded["train"], run.batch_size, buckets, seed=seeds[0])
     if resume_step is not None:  # restored straight into the run's shardings, from the newest readable step

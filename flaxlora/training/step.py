@@ -243,6 +243,9 @@ class StepOptions:
     accum_steps: micro-batches per step (gradient accumulation); the batch splits along axis 0
       and the step's gradient is the weighted mean over all of them, as one big batch would give.
     label_smoothing: cross-entropy label smoothing.
+    rdrop: R-Drop (Liang et al. 2021): each example runs through the model twice, with two dropout
+      masks, and the loss is the mean of the two cross-entropies plus ``rdrop`` times their
+      predictions' symmetric KL divergence (half of KL(p1||p2) + KL(p2||p1)); 0: one pass.
     max_skipped_steps: once this many updates in a row were skipped (non-finite), the step
       leaves the state as it is, its step counter too: the run has stopped where it diverged,
       and the host, which reads ``skipped_in_a_row`` only when it logs, finds it there. None: never.
@@ -252,12 +255,15 @@ class StepOptions:
 
     accum_steps: int = 1
     label_smoothing: float = 0.0
+    rdrop: float = 0.0
     max_skipped_steps: int | None = None
     learning_rate: optax.Schedule | None = None
 
     def __post_init__(self):
         if self.accum_steps < 1:
             raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
+        if not 0 <= self.rdrop < float("inf"):
+            raise ValueError(f"rdrop must be >= 0 and finite, got {self.rdrop}")
         if self.max_skipped_steps is not None and self.max_skipped_steps < 1:
             raise ValueError(f"the limit of skipped steps in a row must be >= 1, got {self.max_skipped_steps}")
 
@@ -287,9 +293,15 @@ def train_step(
     def micro_grads(carry, xs):
         micro, rng = xs
 
-        def loss_sum(trainable):
-            logits = apply(frozen, trainable, micro, rng)
+        def cross_entropy(logits):
             return weighted_cross_entropy(logits, micro["labels"], micro["weights"], options.label_smoothing)
+
+        def loss_sum(trainable):
+            if not options.rdrop:
+                return cross_entropy(apply(frozen, trainable, micro, rng))
+            first, second = (apply(frozen, trainable, micro, r) for r in jax.random.split(rng))
+            (loss1, weight), (loss2, _) = cross_entropy(first), cross_entropy(second)
+            return (loss1 + loss2) / 2 + options.rdrop * symmetric_kl(first, second, micro["weights"]), weight
 
         (loss, weight), grads = jax.value_and_grad(loss_sum, has_aux=True)(state.trainable)
         total_loss, total_weight, total_grads = carry
@@ -347,6 +359,14 @@ def train_members_step(
     step = lambda s: train_step(s, frozen, batch, apply=apply, tx=tx, options=options, halted=halted)  # noqa: E731
     stepped, metrics = jax.vmap(step)(stacked)
     return unstack(stepped, len(states)), metrics
+
+
+def symmetric_kl(logits1: jax.Array, logits2: jax.Array, weights: jax.Array) -> jax.Array:
+    """() sum over examples, weighted, of (KL(p1 || p2) + KL(p2 || p1)) / 2 between the
+    softmaxes of two (batch, classes) logits."""
+    log_p, log_q = (jax.nn.log_softmax(x.astype(jnp.float32), axis=-1) for x in (logits1, logits2))
+    kl = jnp.sum((jnp.exp(log_p) - jnp.exp(log_q)) * (log_p - log_q), axis=-1) / 2
+    return jnp.sum(kl * weights)
 
 
 def all_finite(tree: PyTree) -> jax.Array:
