@@ -1,0 +1,201 @@
+"""Throughput of mixed-adapter batches: N adapters x R rows scored in one call of
+``flaxlora.restore_many(...).logits`` against each adapter's rows scored in a call of its own, in
+one process on one machine; and the two ways of running a mixed batch, per-row gather (kept in
+:mod:`flaxlora.lora.mixed`) against grouped (rows sorted into an adapters x capacity grid).
+
+    python experiments/bench_mixed.py --out experiments/results/serve/mixed-cpu.json
+    python experiments/bench_mixed.py --model /models/all-MiniLM-L6-v2 --out /tmp/mixed-gpu.json   # a GPU
+    python experiments/bench_mixed.py --tiny --out /tmp/mixed-tiny.json                           # dry run, ~1 min CPU
+
+The adapters are untrained, with random non-zero factors (experiments/random_adapters.py): the
+speed of a forward does not depend on what an adapter learned. The pairs are real QQP questions
+(the bundled sample) whose tokens fit one bucket, so that no call pads rows to another length.
+Every mixed result is checked against ``flaxlora.restore(run)`` of its adapter (within 1e-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script: its sibling helpers
+
+import flaxlora  # noqa: E402
+from flaxlora.data.tokenize import encode_pairs  # noqa: E402
+from flaxlora.loading import load_pretrained  # noqa: E402
+from flaxlora.lora import mixed  # noqa: E402
+from flaxlora.qqp.data import load_qqp  # noqa: E402
+from random_adapters import random_runs, variant_names  # noqa: E402
+
+TOLERANCE = 1e-5
+
+
+def pairs_of_one_bucket(tokenizer, n: int, lo: int, hi: int, pair_format: str, max_length: int) -> tuple[list, list]:
+    """``n`` bundled QQP pairs whose token count is in (lo, hi]."""
+    data = load_qqp(None)["train"]
+    q1s, q2s = list(data.question1[: 20 * n]), list(data.question2[: 20 * n])
+    lengths = encode_pairs(tokenizer, q1s, q2s, max_length, pair_format=pair_format, use_cache=False).lengths
+    keep = np.flatnonzero((lengths > lo) & (lengths <= hi))[:n]
+    if len(keep) < n:
+        raise SystemExit(f"only {len(keep)} bundled pairs have {lo} < tokens <= {hi}; ask for fewer")
+    return [q1s[i] for i in keep], [q2s[i] for i in keep]
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """(median seconds of ``repeats`` calls after one warm-up call, the last result)."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def grouped_forward(many):
+    """The other candidate: rows sorted by adapter into a (groups, capacity) grid, the forward
+    vmapped over groups, each group's rows a plain batch under its adapter's tree."""
+
+    def forward(params, stacked, group_ids, input_ids, attention_mask, token_type_ids):
+        forms = jax.tree.map(lambda x: jnp.take(x, group_ids, axis=0), stacked)
+        apply = lambda form, *batch: mixed.apply_served(many.model, params, form, *batch, deterministic=True)  # noqa: E731
+        return jax.vmap(apply)(forms, input_ids, attention_mask, token_type_ids)
+
+    return jax.jit(forward)
+
+
+def padded_rows(encoded, rows: np.ndarray, length: int) -> tuple:
+    batch = encoded.pad(rows, length)
+    return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+
+
+def forward_only(many, restored: dict, encoded, ids: np.ndarray, length: int, repeats: int,
+                 separate: bool = True) -> dict:
+    """Forward-only seconds (inputs tokenised and padded beforehand) of one mixed batch: per-row
+    gather against the grouped grid (capacity: the largest group) and, with ``separate``, against
+    each adapter's rows in a forward of their own (the same factored forward, and restore's merged one)."""
+    rows = padded_rows(encoded, np.arange(len(ids)), length)
+    gather = lambda: np.asarray(many._forward(many.params, many.stacked, ids, *rows))  # noqa: E731
+    groups = np.unique(ids)
+    capacity = max(int(np.sum(ids == g)) for g in groups)
+    order = [np.resize(np.flatnonzero(ids == g), capacity) for g in groups]
+    grid = [np.stack([x[o] for o in order]) for x in rows]
+    grouped_fn = grouped_forward(many)
+    grouped = lambda: np.asarray(grouped_fn(many.params, many.stacked, groups.astype(np.int32), *grid))  # noqa: E731
+    t_gather, out_gather = timed(gather, repeats)
+    t_grouped, out_grouped = timed(grouped, repeats)
+    back = np.zeros_like(out_gather)
+    for g, o in enumerate(order):
+        back[o] = out_grouped[g]
+    result = {"rows": len(ids), "grouped_rows_computed": len(groups) * capacity,
+              "gather_s": t_gather, "grouped_s": t_grouped, "grouped_over_gather": t_grouped / t_gather,
+              "max_abs_diff_gather_vs_grouped": float(np.abs(out_gather - back).max())}
+    if separate:
+        parts = {g: (np.flatnonzero(ids == g), padded_rows(encoded, np.flatnonzero(ids == g), length)) for g in groups}
+        names = list(restored)
+        same = lambda: [np.asarray(many._forward(many.params, many.stacked, ids[r], *x)) for r, x in parts.values()]  # noqa: E731
+        merged = lambda: [np.asarray(restored[names[g]]._forward(restored[names[g]].params, *x))  # noqa: E731
+                          for g, (_, x) in parts.items()]
+        result["separate_same_forward_s"], _ = timed(same, repeats)
+        result["separate_merged_forward_s"], _ = timed(merged, repeats)
+        result["speedup_vs_separate_same_forward"] = result["separate_same_forward_s"] / t_gather
+        result["speedup_vs_separate_merged_forward"] = result["separate_merged_forward_s"] / t_gather
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm-l6", help="short name or local Hugging Face folder of a BERT-family model")
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--rows", type=int, default=16, help="pairs per adapter")
+    p.add_argument("--bucket", type=int, default=32, help="the pairs' bucket: lo < tokens <= bucket, lo the bucket below")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
+    p.add_argument("--runs-dir", help="where the random adapters are written (default: a temporary folder)")
+    p.add_argument("--tiny", action="store_true", help="dry run: 3 adapters x 4 rows, bucket 32, 1 repeat")
+    p.add_argument("--out", required=True, help="JSON results file")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.adapters, args.rows, args.bucket, args.repeats = 3, 4, 32, 1
+    started = time.perf_counter()
+    folder = Path(args.runs_dir or tempfile.mkdtemp(prefix="bench-mixed-"))
+    pretrained = load_pretrained(args.model, num_labels=2)
+    runs = random_runs(pretrained, args.model, args.adapters, folder)
+    total = args.adapters * args.rows
+    many = flaxlora.restore_many(runs, batch_sizes=tuple(sorted({args.rows, total})))  # no padded rows
+    buckets = many.buckets
+    if args.bucket not in buckets:
+        raise SystemExit(f"--bucket {args.bucket} is not one of the runs' buckets {buckets}")
+    lo = ([0, *buckets])[buckets.index(args.bucket)]
+    q1s, q2s = pairs_of_one_bucket(many.tokenizer, total, lo, args.bucket, many.pair_format, many.max_length)
+    names = [name for name in runs for _ in range(args.rows)]
+    order = np.random.default_rng(0).permutation(total)  # the adapters interleaved, as requests arrive
+    q1s, q2s, names = [q1s[i] for i in order], [q2s[i] for i in order], [names[i] for i in order]
+    mine = {name: [i for i, n in enumerate(names) if n == name] for name in runs}
+    setup_s = time.perf_counter() - started
+
+    t_mixed, mixed_logits = timed(lambda: many.logits(q1s, q2s, adapter=names), args.repeats)
+    restored = {name: flaxlora.restore(run, batch_size=args.rows) for name, run in runs.items()}
+    padded = {name: flaxlora.restore(run) for name, run in runs.items()}  # restore's default batch size
+    singles = {}
+
+    def separate(predictors):
+        for name, rows in mine.items():
+            singles[name] = predictors[name].logits([q1s[i] for i in rows], [q2s[i] for i in rows])
+
+    t_restored, _ = timed(lambda: separate(restored), args.repeats)
+    diffs = {name: float(np.abs(mixed_logits[rows] - singles[name]).max()) for name, rows in mine.items()}
+    t_padded, _ = timed(lambda: separate(padded), args.repeats)
+    t_many_separate, _ = timed(lambda: [many.logits([q1s[i] for i in rows], [q2s[i] for i in rows], adapter=name)
+                                        for name, rows in mine.items()], args.repeats)
+    first, second = list(runs)[:2]
+    spread = float(np.abs(singles[first] - many.logits([q1s[i] for i in mine[first]], [q2s[i] for i in mine[first]],
+                                                       adapter=second)).max())
+    encoded = many.encode(q1s, q2s)
+    ids = np.asarray([list(runs).index(n) for n in names], np.int32)
+    skewed = np.zeros(total, np.int32)  # one adapter with most rows, each other with one
+    skewed[: args.adapters - 1] = np.arange(1, args.adapters)
+    result = {
+        "command": "python experiments/bench_mixed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": args.model, "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+        "cpu_count": os.cpu_count(), "jax": jax.__version__,
+        "adapters": args.adapters, "adapter_kinds": variant_names(args.adapters), "rows_per_adapter": args.rows,
+        "pairs": "bundled QQP sample (flaxlora/qqp/qqp_sample), train split, "
+                 f"{lo} < tokens <= {args.bucket}, first {total} such pairs, adapters interleaved",
+        "adapters_are": "untrained: random non-zero b and extras (experiments/random_adapters.py)",
+        "repeats": args.repeats,
+        "end_to_end": {  # tokenisation included, as a caller of .logits sees it
+            "mixed_s": t_mixed,
+            "separate_restore_s": t_restored,
+            f"separate_restore_batch_{padded[first].batch_size}_s": t_padded,
+            "separate_same_predictor_s": t_many_separate,
+            "mixed_pairs_per_s": total / t_mixed,
+            "speedup_vs_separate_restore": t_restored / t_mixed,
+            f"speedup_vs_separate_restore_batch_{padded[first].batch_size}": t_padded / t_mixed,
+            "speedup_vs_separate_same_predictor": t_many_separate / t_mixed,
+        },
+        "max_abs_diff_vs_restore": max(diffs.values()), "tolerance": TOLERANCE,
+        "max_abs_diff_between_two_adapters": spread,
+        "forward_only_balanced": forward_only(many, restored, encoded, ids, args.bucket, args.repeats),
+        "forward_only_skewed": forward_only(many, restored, encoded, skewed, args.bucket, args.repeats, separate=False),
+        "setup_s": setup_s, "wall_s": time.perf_counter() - started,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("adapter_kinds",)}, indent=1))
+    if result["max_abs_diff_vs_restore"] > TOLERANCE:
+        raise SystemExit(f"mixed logits differ from restore by {result['max_abs_diff_vs_restore']:.2e} > {TOLERANCE}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
