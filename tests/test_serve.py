@@ -388,3 +388,18 @@ def test_cli_errors_are_one_line(runs, tmp_path):
         with pytest.raises(SystemExit) as err:
             server.main(argv)
         assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_gpu_throughput_command_dry_runs_on_a_tiny_model(tiny_folder, tmp_path):
+    import bench_mixed  # experiments/ (on sys.path: conftest.py)
+
+    out = tmp_path / "mixed.json"
+    bench_mixed.main(["--tiny", "--model", str(tiny_folder), "--max-length", "64", "--runs-dir", str(tmp_path / "runs"),
+                      "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert "--tiny" in result["command"] and result["adapters"] == 3 and result["rows_per_adapter"] == 4
+    assert result["max_abs_diff_vs_restore"] <= TOLERANCE < result["max_abs_diff_between_two_adapters"]
+    for forward in ("forward_only_balanced", "forward_only_skewed"):
+        assert result[forward]["max_abs_diff_gather_vs_grouped"] <= TOLERANCE and result[forward]["gather_s"] > 0
+    assert result["forward_only_skewed"]["grouped_rows_computed"] > result["forward_only_skewed"]["rows"]
+    assert all(v > 0 for v in result["end_to_end"].values())

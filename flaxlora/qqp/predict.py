@@ -4,6 +4,7 @@
     predictor.predict_proba(["How do I learn Python?"], ["What is the best way to learn Python?"])
     ensemble = flaxlora.restore_ensemble(["runs/a", "runs/b", "runs/c"])   # adapters on one shared base
     flaxlora.restore("runs/qqp-enhanced-s0-...")   # a --members run: its members' ensemble
+    flaxlora.restore_many({"a": "runs/a", "b": "runs/b"})   # each pair by the adapter it names (qqp/many.py)
 
 The base model is rebuilt from the saved run configuration, the adapters and extras restored
 from the orbax checkpoint and merged into it once: inference runs the plain model.

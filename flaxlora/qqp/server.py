@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from flaxlora.cli import ArgumentParser
+from flaxlora.data.tokenize import EncodedPairs
 from flaxlora.microbatch import Closed, MicroBatcher, QueueFull
 
 log = logging.getLogger("flaxlora.serve")
@@ -126,21 +127,20 @@ class App:
         self.batcher = MicroBatcher(self.score, max_queue, max_batch, max_wait_s)
         self.predictor = predictor
 
-    def score(self, jobs: Sequence[tuple[str, list[str], list[str]]]) -> list[dict[str, Any]]:
-        """The answers of several parsed requests, scored as one mixed batch."""
-        q1s = [q for _, q1, _ in jobs for q in q1]
-        q2s = [q for _, _, q2 in jobs for q in q2]
-        names = [adapter for adapter, q1, _ in jobs for _ in q1]
-        logits = self.predictor.logits(q1s, q2s, adapter=names).astype(np.float64)
+    def score(self, jobs: Sequence[tuple[str, EncodedPairs]]) -> list[dict[str, Any]]:
+        """The answers of several requests (adapter, tokenised pairs), scored as one mixed batch."""
+        names = [adapter for adapter, encoded in jobs for _ in range(len(encoded))]
+        logits = self.predictor.logits_encoded(EncodedPairs.concatenate([e for _, e in jobs]), names)
+        logits = logits.astype(np.float64)
         probabilities = np.exp(logits - logits.max(-1, keepdims=True))
         probabilities /= probabilities.sum(-1, keepdims=True)
         labels = logits.argmax(-1)
         answers, start = [], 0
-        for adapter, q1, _ in jobs:
-            rows = slice(start, start + len(q1))
+        for adapter, encoded in jobs:
+            rows = slice(start, start + len(encoded))
             answers.append({"adapter": adapter, "probabilities": probabilities[rows].tolist(),
                             "labels": labels[rows].tolist()})
-            start += len(q1)
+            start += len(encoded)
         return answers
 
     def rows(self, adapter: str, pairs: int) -> int:
@@ -221,7 +221,8 @@ class Handler(BaseHTTPRequestHandler):
             adapter, q1s, q2s = parse_predict(body, app.predictor.names, app.limits)
             with app.answering():
                 try:
-                    future = app.batcher.submit((adapter, q1s, q2s), rows=app.rows(adapter, len(q1s)))
+                    encoded = app.predictor.encode(q1s, q2s)  # in this thread, beside the worker's forward
+                    future = app.batcher.submit((adapter, encoded), rows=app.rows(adapter, len(q1s)))
                 except QueueFull as err:
                     raise BadRequest(HTTPStatus.SERVICE_UNAVAILABLE, f"busy ({err}): retry later") from None
                 except Closed:
