@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: its sibling helpers
+# This process (the references) and the server share one accelerator: neither takes most of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 TOLERANCE = 1e-5
 ROOT = Path(__file__).resolve().parents[1]

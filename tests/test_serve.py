@@ -113,6 +113,10 @@ def test_bad_adapter_names_get_one_line_errors(many, pairs):
         many.logits(*pairs, adapter="nope")
     with pytest.raises(ValueError, match="30 pairs but 2 adapter names"):
         many.logits(*pairs, adapter=["lora", "dora"])
+    with pytest.raises(ValueError, match="1 first questions but 2 second questions"):
+        many.logits(["a"], ["b", "c"], adapter="lora")
+    with pytest.raises(TypeError, match="pass sequences of questions"):
+        many.logits("a", "b", adapter="lora")
     with pytest.raises(ValueError, match="at least one"):
         flaxlora.restore_many({})
 
@@ -313,6 +317,21 @@ def test_bad_framing_gets_a_4xx_and_the_next_request_is_served(live, request_byt
     got, answer = raw(port, request_bytes)
     assert got == status and re.search(message, answer["error"]), answer
     assert predict(port, "dora", [["a", "b"]])[0] == 200
+
+
+def test_health_says_loading_until_the_adapters_are_loaded(many):
+    app = server.App(server.Limits())
+    httpd = server.Server(("127.0.0.1", 0), app)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    assert call(port, "GET", "/health") == (503, {"status": "loading"})
+    status, answer = predict(port, "lora", [["a", "b"]])
+    assert status == 503 and "retry when GET /health is 200" in answer["error"]
+    app.start(many, max_queue=4, max_batch=8, max_wait_s=0)
+    assert call(port, "GET", "/health")[0] == 200 and predict(port, "lora", [["a", "b"]])[0] == 200
+    httpd.shutdown()
+    httpd.server_close()
+    app.drain(5)
 
 
 def test_a_full_queue_answers_503_at_once_and_nothing_hangs(many, pairs, references):

@@ -72,21 +72,19 @@ class MultiPredictor:
 
     def encode(self, q1s: Sequence[str], q2s: Sequence[str]) -> EncodedPairs:
         """The pairs tokenised as the runs were trained (truncated to their max_length)."""
-        if isinstance(q1s, str) or isinstance(q2s, str):
-            raise TypeError("pass sequences of questions, e.g. [q1], [q2]")
-        if len(q1s) != len(q2s):
-            raise ValueError(f"{len(q1s)} first questions but {len(q2s)} second questions")
+        _check_pairs(q1s, q2s)
         return encode_pairs(self.tokenizer, list(q1s), list(q2s), self.max_length, pair_format=self.pair_format,
                             use_cache=False)
 
     def logits(self, q1s: Sequence[str], q2s: Sequence[str], adapter: str | Sequence[str]) -> np.ndarray:
         """(n, 2) class scores (index 1: duplicate) of n pairs, pair i scored by adapter ``adapter[i]``
         (or all by ``adapter``); an ensemble's are the log of its members' mean probabilities."""
-        encoded = self.encode(q1s, q2s)
-        return self.logits_encoded(encoded, self._adapter_per_pair(adapter, len(encoded)))
+        _check_pairs(q1s, q2s)
+        names = self._adapter_per_pair(adapter, len(q1s))  # checked before any work
+        return self.logits_encoded(self.encode(q1s, q2s), names)
 
-    def logits_encoded(self, encoded: EncodedPairs, adapter: Sequence[str]) -> np.ndarray:
-        """:meth:`logits` of pairs already tokenised by :meth:`encode`, one adapter name per pair."""
+    def logits_encoded(self, encoded: EncodedPairs, adapter: str | Sequence[str]) -> np.ndarray:
+        """:meth:`logits` of pairs already tokenised by :meth:`encode`."""
         names = self._adapter_per_pair(adapter, len(encoded))
         pair = np.asarray([i for i, name in enumerate(names) for _ in self.members[name]], np.int64)
         ids = np.asarray([m for name in names for m in self.members[name]], np.int32)
@@ -131,6 +129,13 @@ class MultiPredictor:
                 zeros = np.zeros((size, length), np.int32)
                 jax.block_until_ready(self._forward(self.params, self.stacked, np.zeros(size, np.int32), zeros,
                                                     np.ones_like(zeros), zeros))
+
+
+def _check_pairs(q1s: Sequence[str], q2s: Sequence[str]) -> None:
+    if isinstance(q1s, str) or isinstance(q2s, str):
+        raise TypeError("pass sequences of questions, e.g. [q1], [q2]")
+    if len(q1s) != len(q2s):
+        raise ValueError(f"{len(q1s)} first questions but {len(q2s)} second questions")
 
 
 def _read(path: str | os.PathLike, step: int | None) -> tuple[list[Any], list[dict[str, Any]], list[str]]:
