@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 from test_loading import write_folder
 from test_models import tiny_bert
 from test_qqp import _edit_meta
@@ -159,13 +160,22 @@ def test_runs_with_other_buckets_are_served_together(runs, tmp_path, pairs, refe
                                atol=TOLERANCE, rtol=0)
 
 
-def test_full_fine_tuning_is_refused(tiny_folder, runs, tmp_path):
+def test_full_fine_tuning_and_bases_seeded_otherwise_are_refused(tiny_folder, runs, tmp_path):
     from random_adapters import random_run  # experiments/: a run's checkpoint without training it
 
-    full = random_run(load_pretrained(tiny_folder, num_labels=2), str(tiny_folder),
-                      LoraConfig(targets=None, trainable=".*"), 0, tmp_path / "full", max_length=64)
+    pretrained = load_pretrained(tiny_folder, num_labels=2)
+    full = random_run(pretrained, str(tiny_folder), LoraConfig(targets=None, trainable=".*"), 0, tmp_path / "full",
+                      max_length=64)
     with pytest.raises(ValueError, match=r"trains 100% of the base's weights in full \(full fine-tuning\?\)"):
         flaxlora.restore_many({"a": runs["lora"], "full": full})
+    config = json.loads((tiny_folder / "config.json").read_text())
+    headless = write_folder(tmp_path / "headless", config, {k: v for k, v in load_file(
+        tiny_folder / "model.safetensors").items() if k.startswith("bert.")})  # the classifier: seeded at load
+    pretrained = load_pretrained(headless, num_labels=2)
+    frozen_head = [random_run(pretrained, str(headless), LoraConfig(rank=2), seed, tmp_path / f"s{seed}",
+                              max_length=64) for seed in (0, 1)]  # trained without the head: it stays as seeded
+    with pytest.raises(ValueError, match="s1 leaves classifier/bias as initialised with its seed 1, not 0"):
+        flaxlora.restore_many({"a": frozen_head[0], "b": frozen_head[1]})
 
 
 def test_an_unfinished_ensemble_run_is_refused(runs, tmp_path):
