@@ -34,6 +34,7 @@ from flaxlora.data.tokenize import encode_pairs  # noqa: E402
 from flaxlora.loading import load_pretrained  # noqa: E402
 from flaxlora.lora import mixed  # noqa: E402
 from flaxlora.qqp.data import load_qqp  # noqa: E402
+from flaxlora.qqp.many import MultiPredictor  # noqa: E402
 from random_adapters import random_runs, variant_names  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -120,6 +121,47 @@ def forward_only(many, restored: dict, encoded, ids: np.ndarray, length: int, re
     return result
 
 
+def markdown(result: dict) -> str:
+    """The result as the table the .md beside the JSON holds."""
+    e2e, balanced, skewed = result["end_to_end"], result["forward_only_balanced"], result["forward_only_skewed"]
+    n, r = result["adapters"], result["rows_per_adapter"]
+    padded = next(v for k, v in e2e.items() if k.startswith("separate_restore_batch_"))
+    sections = {
+        "end to end (tokenising included)": [
+            (f"mixed: {n} adapters x {r} rows in one call of restore_many(...).logits", e2e["mixed_s"]),
+            (f"the same mixed rows, {r} per forward", e2e[f"mixed_in_batches_of_{r}_s"]),
+            (f"each adapter's rows in its own call of restore(run, batch_size={r}) (merged weights)",
+             e2e["separate_restore_s"]),
+            ("each adapter's rows in its own call of restore(run) (default batch size 64: rows padded)", padded),
+            ("each adapter's rows in its own call of restore_many(...).logits", e2e["separate_same_predictor_s"]),
+        ],
+        "forward only (inputs tokenised and padded beforehand)": [
+            (f"mixed, per-row gather (kept): {balanced['rows']} rows", balanced["gather_s"]),
+            (f"mixed, grouped: adapters x largest group ({balanced['grouped_rows_computed']} rows)", balanced["grouped_s"]),
+            (f"each adapter's {r} rows in a forward of their own (the same factored forward)",
+             balanced["separate_same_forward_s"]),
+            (f"each adapter's {r} rows in a forward of their own (restore's merged weights)",
+             balanced["separate_merged_forward_s"]),
+        ],
+        f"forward only, skewed batch (one adapter {skewed['rows'] - n + 1} rows, {n - 1} one row each)": [
+            ("mixed, per-row gather (kept)", skewed["gather_s"]),
+            (f"mixed, grouped ({skewed['grouped_rows_computed']} rows computed)", skewed["grouped_s"]),
+        ],
+    }
+    lines = [f"`{result['command']}`", "",
+             f"{result['model']}, {n} adapters ({', '.join(result['adapter_kinds'])}; {result['adapters_are']}), "
+             f"{result['pairs']}; {result['backend']} ({result['device']}, {result['cpu_count']} CPUs), jax "
+             f"{result['jax']}; fastest of {result['repeats']} rounds; load average at the end "
+             f"{', '.join(f'{x:.1f}' for x in result['load_average_1_5_15_min_at_end'])}. Mixed logits vs each "
+             f"adapter's own restore: max abs diff {result['max_abs_diff_vs_restore']:.1e} (two adapters differ by "
+             f"{result['max_abs_diff_between_two_adapters']:.2f}).", "",
+             "| what | seconds | ÷ the section's first row (> 1: the mixed batch is faster) |", "| --- | ---: | ---: |"]
+    for section, rows in sections.items():
+        lines.append(f"| **{section}** | | |")
+        lines += [f"| {label} | {seconds:.3f} | {seconds / rows[0][1]:.2f} |" for label, seconds in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm-l6", help="short name or local Hugging Face folder of a BERT-family model")
@@ -158,8 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
         return {name: predictors[name].logits([q1s[i] for i in rows], [q2s[i] for i in rows])
                 for name, rows in mine.items()}
 
+    small = MultiPredictor(many.model, many.params, many.stacked, many.members, many.tokenizer, many.pair_format,
+                           many.max_length, many.buckets, batch_sizes=(args.rows,))  # mixed rows, R per forward
     timings = timed({
         "mixed": lambda: many.logits(q1s, q2s, adapter=names),
+        "mixed_small_batches": lambda: small.logits(q1s, q2s, adapter=names),
         "separate_restore": lambda: separate(restored),
         "separate_restore_default": lambda: separate(padded),
         "separate_same_predictor": lambda: [many.logits([q1s[i] for i in rows], [q2s[i] for i in rows], adapter=name)
@@ -189,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
             "separate_restore_s": t_restored,
             f"separate_restore_batch_{padded[first].batch_size}_s": t_padded,
             "separate_same_predictor_s": t_many_separate,
+            f"mixed_in_batches_of_{args.rows}_s": timings["mixed_small_batches"][0],
             "mixed_pairs_per_s": total / t_mixed,
             "speedup_vs_separate_restore": t_restored / t_mixed,
             f"speedup_vs_separate_restore_batch_{padded[first].batch_size}": t_padded / t_mixed,
@@ -200,9 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
         # the grouped grid of a skewed batch computes adapters x its largest group: one round is enough
         "forward_only_skewed": forward_only(many, restored, encoded, skewed, args.bucket, 1, separate=False),
         "setup_s": setup_s, "wall_s": time.perf_counter() - started,
+        "load_average_1_5_15_min_at_end": os.getloadavg(),  # other processes on this machine meanwhile
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).with_suffix(".md").write_text(markdown(result))
     print(json.dumps({k: v for k, v in result.items() if k not in ("adapter_kinds",)}, indent=1))
     if result["max_abs_diff_vs_restore"] > TOLERANCE:
         raise SystemExit(f"mixed logits differ from restore by {result['max_abs_diff_vs_restore']:.2e} > {TOLERANCE}")

@@ -195,6 +195,30 @@ def start_server(runs: dict[str, Path], max_batch: int, max_wait_ms: float, time
     raise SystemExit(f"the server was not ready within {timeout} s")
 
 
+def markdown(result: dict) -> str:
+    """The result as the table the .md beside the JSON holds."""
+    sizes = [str(size) for size in result["sizes"]]
+    lines = [f"`{result['command']}`", "",
+             f"{result['model']}, {result['adapters']} adapters ({', '.join(result['adapter_kinds'])}; "
+             f"{result['adapters_are']}); {result['pairs']}, requests of {', '.join(sizes)} pairs drawn uniformly; "
+             f"server --max-batch {result['server']['max_batch']} --max-wait-ms {result['server']['max_wait_ms']:g} on "
+             f"127.0.0.1; {result['cpu_count']} CPUs; load average at the end "
+             f"{', '.join(f'{x:.1f}' for x in result['load_average_1_5_15_min_at_end'])}. Lone request (p50): "
+             + ", ".join(f"{size} pairs {result['lone_p50_s'][size] * 1000:.0f} ms" for size in sizes)
+             + f". Server exit code after SIGTERM: {result['server_exit_code_after_sigterm']}.", "",
+             "| clients | requests | lost | wrong | pairs/s | " + " | ".join(
+                 f"{size} pairs: p50 / p99 ms (p99 ÷ lone)" for size in sizes) + " |",
+             "| ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in sizes) + " |"]
+    for phase in result["phases"]:
+        cells = []
+        for size in sizes:
+            row = phase["by_size"].get(size) or phase["by_size"].get(int(size))
+            cells.append(f"{row['p50_s'] * 1000:.0f} / {row['p99_s'] * 1000:.0f} ({row['p99_over_lone']:.1f})")
+        lines.append(f"| {phase['clients']} | {phase['requests']} | {phase['lost']} | {phase['wrong']} | "
+                     f"{phase['pairs_per_s']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm-l6", help="short name or local Hugging Face folder (BERT family)")
@@ -246,9 +270,11 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(), "lone_p50_s": {str(k): v for k, v in lone.items()},
         "phases": phases, "server_exit_code_after_sigterm": exit_code, "tolerance": TOLERANCE,
         "wall_s": time.perf_counter() - started,
+        "load_average_1_5_15_min_at_end": os.getloadavg(),  # other processes on this machine meanwhile
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).with_suffix(".md").write_text(markdown(json.loads(json.dumps(result))))  # as read back
     problems = [f"{p['clients']} clients: {p['lost']} lost, {p['wrong']} wrong" for p in phases if p["lost"] or p["wrong"]]
     if problems or exit_code != 0:
         raise SystemExit(f"load test failed: {'; '.join(problems) or f'server exit code {exit_code}'}")
