@@ -432,3 +432,27 @@ def test_the_gpu_throughput_command_dry_runs_on_a_tiny_model(tiny_folder, tmp_pa
         assert result[forward]["max_abs_diff_gather_vs_grouped"] <= TOLERANCE and result[forward]["gather_s"] > 0
     assert result["forward_only_skewed"]["grouped_rows_computed"] > result["forward_only_skewed"]["rows"]
     assert all(v > 0 for v in result["end_to_end"].values())
+
+
+def test_the_load_test_counts_an_answer_wrong_unless_it_is_restores():
+    import bench_serve  # experiments/
+
+    request = bench_serve.Request("a", [["q1", "q2"], ["q3", "q4"]], np.array([[0.7, 0.3], [0.2, 0.8]]))
+    right = {"adapter": "a", "probabilities": [[0.7, 0.3], [0.2, 0.8]], "labels": [0, 1]}
+    assert not bench_serve.wrong(request, right)
+    assert not bench_serve.wrong(request, {**right, "probabilities": [[0.700009, 0.299991], [0.2, 0.8]]})
+    for bad in ({"adapter": "b"}, {"probabilities": [[0.70002, 0.29998], [0.2, 0.8]]}, {"labels": [0, 0]},
+                {"probabilities": [[0.7, 0.3]], "labels": [0]}):
+        assert bench_serve.wrong(request, {**right, **bad}), bad
+
+
+@pytest.mark.parametrize("name", ["mixed-cpu", "load-cpu"])
+def test_the_committed_serving_results_are_the_tables_their_json_makes(name):
+    import bench_mixed
+    import bench_serve
+
+    folder = ROOT / "experiments" / "results" / "serve"
+    result = json.loads((folder / f"{name}.json").read_text())
+    script = bench_mixed if name.startswith("mixed") else bench_serve
+    assert (folder / f"{name}.md").read_text() == script.markdown(result)
+    assert result["command"].split(" --")[0] == f"python experiments/{script.__name__}.py"
