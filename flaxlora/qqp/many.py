@@ -27,8 +27,9 @@ from flaxlora.lora import mixed
 from flaxlora.lora.variants import RESIDUAL_INITS
 from flaxlora.paths import as_path
 from flaxlora.qqp.config import RunConfig
-from flaxlora.qqp.predict import scoring_lengths, ensemble_members, load_base, mean_probability_logits, unrolled
+from flaxlora.qqp.predict import ensemble_members, load_base, scoring_lengths, unrolled
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
+from flaxlora.training.evaluation import ensemble_logits
 
 # Rows per forward: a batch is padded to the smallest of these that holds it (one compilation each per bucket).
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -94,7 +95,7 @@ class MultiPredictor:
             mine = np.flatnonzero(np.asarray(names) == name)
             per_member = rows[np.isin(pair, mine)].reshape(len(mine), len(self.members[name]), 2)
             out[mine] = (per_member[:, 0] if per_member.shape[1] == 1
-                         else np.asarray(mean_probability_logits(per_member.swapaxes(0, 1))))
+                         else np.asarray(ensemble_logits(per_member.swapaxes(0, 1))))
         return out
 
     def _rows(self, encoded: EncodedPairs, pair: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ from flaxlora.paths import as_path
 from flaxlora.qqp.config import DTYPES, RunConfig
 from flaxlora.quant.tree import dequantize
 from flaxlora.training.checkpoint import Checkpointer, checkpoint_dir
+from flaxlora.training.evaluation import ensemble_logits
 from flaxlora.training.step import logits_fn
 
 # The longest pair a restored T5 classifier scores without truncation.
@@ -154,13 +155,6 @@ def scoring_lengths(run: RunConfig, pretrained: Pretrained) -> tuple[int, tuple[
     return max_length, tuple(buckets)
 
 
-def mean_probability_logits(logits: jax.Array) -> jax.Array:
-    """An ensemble's class scores: the log of its members' mean class probabilities.
-
-    logits: (members, batch, classes) -> (batch, classes)."""
-    return jnp.log(jnp.mean(jax.nn.softmax(jnp.asarray(logits).astype(jnp.float32), axis=-1), axis=0))
-
-
 def restore_ensemble(paths: Sequence[str | os.PathLike], step: int | None = None, batch_size: int = 64) -> Predictor:
     """A :class:`Predictor` averaging the class probabilities of several runs' adapters on their
     one shared base: runs of the same base model, LoRA configuration and data settings (e.g.
@@ -198,7 +192,7 @@ def restore_ensemble(paths: Sequence[str | os.PathLike], step: int | None = None
     def forward(params, input_ids, attention_mask, token_type_ids):
         frozen, stacked = params
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        return mean_probability_logits(jax.vmap(lambda t: apply(frozen, t, batch))(stacked))
+        return ensemble_logits(jax.vmap(lambda t: apply(frozen, t, batch))(stacked))
 
     return Predictor(pretrained.model, (pretrained.params, adapters), pretrained.tokenizer,
                      pair_format_for(pretrained.kind), *scoring_lengths(run, pretrained), batch_size, forward=forward)
