@@ -53,6 +53,14 @@ def replay(encoded, batch: int, seed: int, steps: int, buckets: tuple[int, ...])
     return lengths, real
 
 
+def table(replays: list[dict]) -> list[str]:
+    """The markdown table of the replays (buckets.json's "replays"), line by line."""
+    return ["| buckets | real tokens / padded positions | steady training s | compile s (sum over buckets) |",
+            "| --- | --- | --- | --- |",
+            *(f"| {', '.join(map(str, r['buckets']))} | {r['real_share']:.2f} | {r['train_s']:.0f} | {r['compile_s']:.0f} |"
+              for r in replays)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="experiments/results/buckets")
@@ -82,11 +90,7 @@ def main() -> None:
         rows.append({"buckets": list(buckets), "train_s": sum(measured[s]["train_step_s"] for s in padded),
                      "real_share": real / (sum(padded) * args.batch),
                      "compile_s": sum(measured[b]["compile_s"] for b in buckets)})
-    lines = [f"{args.preset}, batch {args.batch}, {args.steps_per_run} steps, seed {args.seed}",
-             "", "| buckets | real tokens / padded positions | steady training s | compile s (sum over buckets) |",
-             "| --- | --- | --- | --- |"]
-    lines += [f"| {', '.join(map(str, r['buckets']))} | {r['real_share']:.2f} | {r['train_s']:.0f} | {r['compile_s']:.0f} |"
-              for r in rows]
+    lines = [f"{args.preset}, batch {args.batch}, {args.steps_per_run} steps, seed {args.seed}", "", *table(rows)]
     (out / "buckets.md").write_text("\n".join(lines) + "\n")
     saved.write_text(json.dumps({"preset": args.preset, "batch": args.batch, "step_times": measured, "replays": rows},
                                 indent=2))

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import ablation  # experiments/ (on sys.path: conftest.py)
+import buckets
 import default_runs
+import scaling
 import tables
 from flaxlora.qqp.config import PRESETS, RunConfig
 
@@ -109,6 +111,13 @@ def test_a_memory_benchmark_judges_its_target_by_its_figures(path):
 def test_a_summary_table_is_what_its_results_make(path):
     make, source = tables.TABLES[path]
     assert (RESULTS / path).read_text() == make(source), f"run python experiments/tables.py ({path} is stale)"
+
+
+def test_the_scaling_and_bucket_tables_are_what_their_json_makes():
+    assert (RESULTS / "scaling" / "scaling.md").read_text() == scaling.markdown(
+        json.loads((RESULTS / "scaling" / "scaling.json").read_text())["points"])
+    replays = json.loads((RESULTS / "buckets" / "buckets.json").read_text())["replays"]
+    assert (RESULTS / "buckets" / "buckets.md").read_text().splitlines()[2:] == buckets.table(replays)
 
 
 def assert_committed_and_shown(folder, markdown, *documents):
