@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[16, 24, 32, 40, 48, 64, 96, 128])
     p.add_argument("--steps", type=int, default=8, help="timed steps per length (after two warm-up steps)")
     p.add_argument("--steps-per-run", type=int, default=960, help="the run's optimizer steps (960: the 2-epoch default run "
-                                                                     "README's analysis replays; the preset now trains 1,440)")
+                                                                     "experiments/README.md's analysis replays; the preset now trains 1,440)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     unmeasured = sorted({b for buckets in CANDIDATES for b in buckets} - set(args.lengths))

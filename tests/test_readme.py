@@ -254,3 +254,22 @@ def test_every_figure_in_readme_is_read_from_results():
         text = text.replace(name, "")
     unread = FIGURE.findall(text)
     assert not unread, f"README figures not read from results (add them to FIGURES): {unread}"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("document", [README, EVIDENCE, RESULTS / "README.md"], ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_links_reach_files_and_headings(document):
+    links = re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", document.read_text())
+    assert links
+    for target, anchor in links:
+        if target.startswith("http"):
+            continue
+        path = (document.parent / target).resolve() if target else document
+        assert path.exists(), f"{document.name} links to {target}, which does not exist"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
+            assert anchor in {slug(h) for h in headings}, f"{document.name} links to {target}#{anchor}: no such heading"
