@@ -89,6 +89,8 @@ def test_readme_python_blocks_run_or_call_what_exists():
     functions that exist, and methods that the object those functions return has."""
     checked = 0
     for block in blocks("python"):
+        if "flaxlora.init_lora" in block:  # the example: run by the test above
+            continue
         if "runs/" not in block:
             exec(compile(block, str(README), "exec"), {})
             checked += 1
@@ -99,7 +101,7 @@ def test_readme_python_blocks_run_or_call_what_exists():
         for name, method in re.findall(r"^(\w+)\.(\w+)\(", block, flags=re.M):
             assert callable(getattr(returned[name], method, None)), f"README: {name}.{method} does not exist"
             checked += 1
-    assert checked >= 3
+    assert checked >= 2
 
 
 def test_every_flaxlora_name_in_readme_exists():
