@@ -275,3 +275,11 @@ def test_links_reach_files_and_headings(document):
         if anchor:
             headings = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
             assert anchor in {slug(h) for h in headings}, f"{document.name} links to {target}#{anchor}: no such heading"
+
+
+def test_files_and_tests_readme_names_exist():
+    text = readme()
+    for path, test in re.findall(r"`((?:tests|experiments|flaxlora|tpu)/[\w/.-]*\w)(?:::(\w+))?`", text):
+        assert (ROOT / path).exists(), f"README names {path}, which does not exist"
+        if test:
+            assert re.search(rf"^def {test}\(", (ROOT / path).read_text(), flags=re.M), f"README names {path}::{test}"
