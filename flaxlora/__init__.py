@@ -51,6 +51,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "restore": "flaxlora.qqp.predict",
     "restore_ensemble": "flaxlora.qqp.predict",
+    "restore_many": "flaxlora.qqp.many",
     "load_pretrained": "flaxlora.loading",
     "known_models": "flaxlora.loading",
     "Pretrained": "flaxlora.loading",
@@ -102,6 +103,7 @@ __all__ = [
     "resolve_targets",
     "restore",
     "restore_ensemble",
+    "restore_many",
     "save_merged",
     "save_peft",
     "summarize",

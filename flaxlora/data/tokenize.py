@@ -83,6 +83,12 @@ class EncodedPairs:
             pad_id=pad_id,
         )
 
+    @classmethod
+    def concatenate(cls, parts: Sequence["EncodedPairs"]) -> "EncodedPairs":
+        """The examples of ``parts`` (one tokenizer's, so one pad id), in order."""
+        fields = {name: np.concatenate([getattr(p, name) for p in parts]) for name in _FIELDS}
+        return cls(**fields, pad_id=parts[0].pad_id)
+
     def __len__(self) -> int:
         return len(self.lengths)
 

@@ -6,6 +6,7 @@
     variants.py         initialisations (LoRA, Gaussian, PiSSA, OLoRA) and DoRA's norm
     factored.py         x @ W + s (x @ a) @ b inside linen Dense layers, never forming W + dW
     fold.py             K adapters as one of rank K r whose update is their mean
+    mixed.py            many adapters stacked on one base, each row of a batch with its own
     optim.py            AdamW with LoRA+ and decay where it belongs; optax masks and labels
     summary.py          trainable vs total parameters
     rank_allocation.py  spread a rank budget over the targets by gradient importance

@@ -43,6 +43,18 @@ def _contracted_axes(module: nn.Module, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(ax % ndim for ax in axes))
 
 
+def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    """``(x @ a) @ b`` in ``dtype``, contracting the last ``a.ndim - 1`` axes of ``x`` with ``a``'s fan-in."""
+    return jnp.tensordot(jnp.tensordot(x.astype(dtype), a.astype(dtype), a.ndim - 1), b.astype(dtype), 1)
+
+
+def dora_rescale(module: nn.Module, y: jax.Array, delta: jax.Array, factor: jax.Array) -> jax.Array:
+    """DoRA's output ``factor * (x @ W + delta) + bias`` from the layer's own ``y = x @ W + bias``;
+    ``factor``: (*fan_out,), ``m / ||W + s a @ b||`` per output unit."""
+    bias = module.get_variable("params", "bias").astype(y.dtype) if getattr(module, "use_bias", False) else 0
+    return factor.astype(y.dtype) * (y - bias + delta) + bias
+
+
 def _lora_output(module, x, y, adapter, path, config, key):
     """``y = module(x)`` plus the adapter's contribution (DoRA: rescaled per output unit)."""
     a, b = adapter["a"], adapter["b"]
@@ -55,17 +67,14 @@ def _lora_output(module, x, y, adapter, path, config, key):
     h = x
     if key is not None and config.dropout > 0:
         h = dropout(x, config.dropout, key)
-    dtype = y.dtype
-    delta = scale * jnp.tensordot(jnp.tensordot(h.astype(dtype), a.astype(dtype), n_in), b.astype(dtype), 1)
+    delta = scale * low_rank_update(h, a, b, y.dtype)
     if not config.use_dora:
         return y + delta
     rank = a.shape[-1]
     a2, b2 = a.reshape(-1, rank), b.reshape(rank, -1)
     kernel = module.get_variable("params", "kernel").astype(jnp.float32).reshape(a2.shape[0], -1)
     factor = variants.dora_output_scale(kernel, a2, b2, scale, adapter["magnitude"].reshape(-1))
-    factor = factor.reshape(b.shape[1:]).astype(dtype)
-    bias = module.get_variable("params", "bias").astype(dtype) if getattr(module, "use_bias", False) else 0
-    return factor * (y - bias + delta) + bias
+    return dora_rescale(module, y, delta, factor.reshape(b.shape[1:]))
 
 
 def adapter_collections(adapters: dict[str, tuple[str, Any]], config: LoraConfig,
@@ -111,20 +120,31 @@ def _intercept(adapters: dict[str, tuple[str, Any]], config: LoraConfig) -> Iter
     adapter_paths = {path: adapter_path for path, (adapter_path, _) in adapters.items()}
     applied: set[str] = set()
 
+    def output(module, x, y, adapter):
+        path = adapter_paths["/".join((*module.path, "kernel"))]
+        applied.add(path)
+        return _lora_output(module, x, y, adapter, path, config, module.get_variable(DROPOUT_KEYS, "kernel"))
+
+    with dense_interceptor(ADAPTERS, output):
+        yield applied
+
+
+@contextlib.contextmanager
+def dense_interceptor(collection: str, output) -> Iterator[None]:
+    """Within this context, a linen Dense/DenseGeneral layer that finds a variable ``kernel`` in
+    ``collection`` returns ``output(module, x, y, variable)``, ``y`` being its own output on ``x``."""
+
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
             return next_fun(*args, **kwargs)
-        adapter = module.get_variable(ADAPTERS, "kernel")
+        adapter = module.get_variable(collection, "kernel")
         if adapter is None:
             return next_fun(*args, **kwargs)
-        path = adapter_paths["/".join((*module.path, "kernel"))]
-        applied.add(path)
-        y = next_fun(*args, **kwargs)
-        return _lora_output(module, args[0], y, adapter, path, config, module.get_variable(DROPOUT_KEYS, "kernel"))
+        return output(module, args[0], next_fun(*args, **kwargs), adapter)
 
     with nn.intercept_methods(interceptor):
-        yield applied
+        yield
 
 
 def apply_factored(

@@ -7,6 +7,8 @@
     ensemble.py    an ensemble run (--members): adapters trained in turn on one base, scored together
     reporting.py   metrics.jsonl, TensorBoard, curves.png, the one-screen summary
     predict.py     restore a run for inference; ``python -m flaxlora.predict``
+    many.py        many runs' adapters on one base, each pair scored by its own (``flaxlora.restore_many``)
+    server.py      those over HTTP, requests micro-batched together (``python -m flaxlora.serve``)
     baselines.py   majority class, TF-IDF + logistic regression
     prompting.py   zero-/few-shot prompting of an instruct decoder
 

@@ -4,6 +4,7 @@
     predictor.predict_proba(["How do I learn Python?"], ["What is the best way to learn Python?"])
     ensemble = flaxlora.restore_ensemble(["runs/a", "runs/b", "runs/c"])   # adapters on one shared base
     flaxlora.restore("runs/qqp-enhanced-s0-...")   # a --members run: its members' ensemble
+    flaxlora.restore_many({"a": "runs/a", "b": "runs/b"})   # each pair by the adapter it names (qqp/many.py)
 
 The base model is rebuilt from the saved run configuration, the adapters and extras restored
 from the orbax checkpoint and merged into it once: inference runs the plain model.
@@ -140,10 +141,10 @@ def restore(path: str | os.PathLike, step: int | None = None, batch_size: int = 
     trainable = unrolled(trainable, run)
     params = jax.jit(lambda p, t: merge_pretrained(p, t["lora"], run.lora, t["extras"]))(pretrained.params, trainable)
     return Predictor(pretrained.model, params, pretrained.tokenizer, pair_format_for(pretrained.kind),
-                     *_lengths(run, pretrained), batch_size)
+                     *scoring_lengths(run, pretrained), batch_size)
 
 
-def _lengths(run: RunConfig, pretrained: Pretrained) -> tuple[int, tuple[int, ...]]:
+def scoring_lengths(run: RunConfig, pretrained: Pretrained) -> tuple[int, tuple[int, ...]]:
     """(max length, buckets) a restored run scores pairs with: the run's, except that a T5
     classifier scores whole pairs, up to ``T5_MAX_LENGTH`` tokens (its relative positions set no limit)."""
     max_length, buckets = run.max_length, run.buckets or default_buckets(run.max_length)
@@ -151,6 +152,13 @@ def _lengths(run: RunConfig, pretrained: Pretrained) -> tuple[int, tuple[int, ..
         max_length = max(max_length, T5_MAX_LENGTH)
         buckets = (*buckets, *(n for n in (2**k for k in range(20)) if buckets[-1] < n <= max_length))
     return max_length, tuple(buckets)
+
+
+def mean_probability_logits(logits: jax.Array) -> jax.Array:
+    """An ensemble's class scores: the log of its members' mean class probabilities.
+
+    logits: (members, batch, classes) -> (batch, classes)."""
+    return jnp.log(jnp.mean(jax.nn.softmax(jnp.asarray(logits).astype(jnp.float32), axis=-1), axis=0))
 
 
 def restore_ensemble(paths: Sequence[str | os.PathLike], step: int | None = None, batch_size: int = 64) -> Predictor:
@@ -190,11 +198,10 @@ def restore_ensemble(paths: Sequence[str | os.PathLike], step: int | None = None
     def forward(params, input_ids, attention_mask, token_type_ids):
         frozen, stacked = params
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        probs = jax.nn.softmax(jax.vmap(lambda t: apply(frozen, t, batch))(stacked).astype(jnp.float32), axis=-1)
-        return jnp.log(jnp.mean(probs, axis=0))
+        return mean_probability_logits(jax.vmap(lambda t: apply(frozen, t, batch))(stacked))
 
     return Predictor(pretrained.model, (pretrained.params, adapters), pretrained.tokenizer,
-                     pair_format_for(pretrained.kind), *_lengths(run, pretrained), batch_size, forward=forward)
+                     pair_format_for(pretrained.kind), *scoring_lengths(run, pretrained), batch_size, forward=forward)
 
 
 def _read_pairs(path: str) -> tuple[list[str], list[str], list[Any]]:
