@@ -53,6 +53,14 @@ def replay(encoded, batch: int, seed: int, steps: int, buckets: tuple[int, ...])
     return lengths, real
 
 
+def table(replays: list[dict]) -> list[str]:
+    """The markdown table of the replays (buckets.json's "replays"), line by line."""
+    return ["| buckets | real tokens / padded positions | steady training s | compile s (sum over buckets) |",
+            "| --- | --- | --- | --- |",
+            *(f"| {', '.join(map(str, r['buckets']))} | {r['real_share']:.2f} | {r['train_s']:.0f} | {r['compile_s']:.0f} |"
+              for r in replays)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="experiments/results/buckets")
@@ -61,7 +69,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[16, 24, 32, 40, 48, 64, 96, 128])
     p.add_argument("--steps", type=int, default=8, help="timed steps per length (after two warm-up steps)")
     p.add_argument("--steps-per-run", type=int, default=960, help="the run's optimizer steps (960: the 2-epoch default run "
-                                                                     "README's analysis replays; the preset now trains 1,440)")
+                                                                     "experiments/README.md's analysis replays; the preset now trains 1,440)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     unmeasured = sorted({b for buckets in CANDIDATES for b in buckets} - set(args.lengths))
@@ -82,11 +90,7 @@ def main() -> None:
         rows.append({"buckets": list(buckets), "train_s": sum(measured[s]["train_step_s"] for s in padded),
                      "real_share": real / (sum(padded) * args.batch),
                      "compile_s": sum(measured[b]["compile_s"] for b in buckets)})
-    lines = [f"{args.preset}, batch {args.batch}, {args.steps_per_run} steps, seed {args.seed}",
-             "", "| buckets | real tokens / padded positions | steady training s | compile s (sum over buckets) |",
-             "| --- | --- | --- | --- |"]
-    lines += [f"| {', '.join(map(str, r['buckets']))} | {r['real_share']:.2f} | {r['train_s']:.0f} | {r['compile_s']:.0f} |"
-              for r in rows]
+    lines = [f"{args.preset}, batch {args.batch}, {args.steps_per_run} steps, seed {args.seed}", "", *table(rows)]
     (out / "buckets.md").write_text("\n".join(lines) + "\n")
     saved.write_text(json.dumps({"preset": args.preset, "batch": args.batch, "step_times": measured, "replays": rows},
                                 indent=2))

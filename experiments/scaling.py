@@ -5,7 +5,7 @@ length, batch size, LoRA rank and target set, on MiniLM and SmolLM2. One command
 
 Each point is one ``experiments/bench.py`` measurement (our side only, its own process, so the
 peak RSS is the point's own): median train step after a warm-up, on real QQP pairs padded to the
-length. Writes OUT/scaling.json, OUT/scaling.md (the table in the README) and OUT/scaling.png.
+length. Writes OUT/scaling.json, OUT/scaling.md (the table in experiments/README.md) and OUT/scaling.png.
 ``--quick`` measures a smaller grid. Points already in OUT/scaling.json are kept, not measured
 again, so an interrupted sweep resumes where it stopped.
 """
@@ -25,7 +25,7 @@ GRIDS = {
     "smollm2-135m": (8, 64, (32, 64, 128), (4, 16), (4, 64)),
 }
 QUICK = {"minilm-l6": (16, 64, (32, 64, 128), (8,), (64,)), "smollm2-135m": (8, 32, (32, 64), (), (64,))}
-# Deep models are measured with --scan-layers (one compiled layer: README "Speed"); unrolled, the
+# Deep models are measured with --scan-layers (one compiled layer: experiments/README.md "Compile and start-up"); unrolled, the
 # SmolLM2 step's compile takes minutes and its peak RSS would be the compiler's, not the step's.
 SCANNED = {"smollm2-135m"}
 KEY = ("model", "preset", "axis", "batch", "seq_len", "rank", "targets", "scan_layers")

@@ -13,7 +13,7 @@ from collections.abc import MutableMapping
 # XLA:CPU's concurrency-optimized scheduler orders a step's ops for parallelism and keeps more of
 # its activations live at once. Off, MiniLM's train step (B32 S128) needs 0.72-0.85x the temporary
 # buffers (lora 1,259 -> 910 MB, enhanced 1,562 -> 1,316, full 1,454 -> 1,110) at the same or a
-# shorter step time (lora 0.92x, enhanced 1.00x): README "Speed". Only XLA:CPU reads it.
+# shorter step time (lora 0.92x, enhanced 1.00x): experiments/README.md "Speed". Only XLA:CPU reads it.
 DEFAULT_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 
 
