@@ -67,7 +67,8 @@ def quantized_dense() -> Iterator[None]:
         if not is_quantized(kernel):
             return next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
-        y = quantized_matmul(x, kernel, jnp.dtype(module.dtype or jnp.float32))
+        dtype = jnp.dtype(module.dtype or jnp.float32)
+        y = quantized_matmul(x, kernel, dtype).astype(dtype)  # in the compute dtype, as a float Dense returns
         if module.use_bias:
             y = y + module.get_variable("params", "bias").astype(y.dtype)
         return y
