@@ -38,6 +38,7 @@ from flaxlora.data.tokenize import encode_pairs, pair_format_for
 from flaxlora.loading import base_provenance, is_gguf, load_config, load_pretrained
 from flaxlora.loading.provenance import check_same_base
 from flaxlora.lora.config import LoraConfig
+from flaxlora.lora.factored import frozen_in_compute_dtype
 from flaxlora.lora.optim import lora_optimizer
 from flaxlora.lora.rank_allocation import allocate
 from flaxlora.lora.summary import summarize
@@ -263,6 +264,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     lora = lora_config(run)
     state, frozen = training.init_train_state(pretrained.params, lora, tx, jax.random.key(run.seed), mesh)
     pretrained = dataclasses.replace(pretrained, params=None)  # the frozen tree shares its arrays
+    frozen = frozen_in_compute_dtype(frozen, DTYPES[run.dtype], lora, run.lora_path)  # bf16 compute: cast once
     apply = training.logits_fn(pretrained.model, lora, run.lora_path)
     step_fn, _ = training.jit_train_step(
         apply, tx, mesh, state, frozen,
