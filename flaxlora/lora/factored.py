@@ -155,22 +155,28 @@ def apply_factored(
     return out
 
 
-def frozen_in_compute_dtype(frozen: PyTree, dtype: Any, config: LoraConfig, lora_path: str = "factored") -> PyTree:
-    """``frozen`` with each floating matrix (a Dense kernel, an embedding table: 2 or more axes)
-    held in ``dtype`` when that is narrower than its own.
-
-    The model casts these to its compute dtype at every use, so holding the cast once gives the
-    same numbers, without a cast per step and with half the weight memory in bfloat16. Vectors
-    (norm scales, biases: computed with in float32), quantized weights and, on the merged path or
-    with DoRA, the adapter targets (their merge or weight norm reads the stored weight) are kept.
-    Cast by one jitted program, each leaf in its own sharding: until the caller drops ``frozen``,
-    both copies are alive.
-    """
+def compute_dtype_paths(frozen: PyTree, dtype: Any, config: LoraConfig, lora_path: str = "factored") -> list[str]:
+    """The paths of ``frozen`` that :func:`frozen_in_compute_dtype` casts to ``dtype`` (arrays or
+    shapes): each floating matrix (a Dense kernel, an embedding table: 2 or more axes) wider than
+    ``dtype``, except quantized weights and, on the merged path or with DoRA, the adapter targets
+    (their merge or weight norm reads the stored weight)."""
     dtype = jnp.dtype(dtype)
     kept = set(resolve_targets(frozen, config)) if lora_path == "merged" or config.use_dora else set()
-    chosen = {path: x for path, x in pytree.flatten(frozen).items()
-              if not is_quantized(x) and path not in kept and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
-              and jnp.finfo(x.dtype).bits > jnp.finfo(dtype).bits}
+    return [path for path, x in pytree.flatten(frozen).items()
+            if not is_quantized(x) and path not in kept and len(x.shape) >= 2
+            and jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits > jnp.finfo(dtype).bits]
+
+
+def frozen_in_compute_dtype(frozen: PyTree, dtype: Any, config: LoraConfig, lora_path: str = "factored") -> PyTree:
+    """``frozen`` with its matrices (:func:`compute_dtype_paths`) held in the compute ``dtype``.
+
+    The model casts them to its compute dtype at every use, so holding the cast once gives the
+    same numbers, without a cast per step and with half the weight memory in bfloat16; vectors
+    (norm scales, biases) keep their dtype. Cast by one jitted program, each leaf in its own
+    sharding: until the caller drops ``frozen``, both copies are alive.
+    """
+    flat = pytree.flatten(frozen)
+    chosen = {path: flat[path] for path in compute_dtype_paths(frozen, dtype, config, lora_path)}
     if not chosen:
         return frozen
     shardings = {path: x.sharding for path, x in chosen.items()}

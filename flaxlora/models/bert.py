@@ -20,6 +20,7 @@ from flaxlora.models.layers import (
     Stack,
     activation,
     attention,
+    recompute_in_backward,
     split_heads,
 )
 
@@ -86,8 +87,8 @@ class BertIntermediate(Block):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        return activation(cfg.hidden_act)(
-            self.dense(cfg.intermediate_size, ("embed", "mlp"), name="dense")(x))
+        return recompute_in_backward(activation(cfg.hidden_act),
+                                     self.dense(cfg.intermediate_size, ("embed", "mlp"), name="dense")(x))
 
 
 class BertLayer(Block):

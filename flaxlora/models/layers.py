@@ -77,25 +77,24 @@ def cast_after(w: Array, dtype: Dtype, after: Array) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def gated_activation(act: Callable[[Array], Array], gate: Array, up: Array) -> Array:
-    """``act(gate) * up`` (a gated MLP: SwiGLU, GeGLU), whose backward pass keeps only ``gate`` and
-    ``up`` and recomputes ``act(gate)`` (elementwise, cheap) instead of also keeping it and the
-    activation's own intermediates (``sigmoid(gate)`` for SiLU): two of the four
-    (batch, len, intermediate) arrays per layer that automatic differentiation would keep."""
-    return act(gate) * up
+def recompute_in_backward(fn: Callable[..., Array], *args: Array) -> Array:
+    """``fn(*args)`` for an elementwise ``fn`` (an activation, a gated MLP's ``act(gate) * up``)
+    whose backward pass keeps only ``args`` and recomputes ``fn`` (cheap), instead of keeping its
+    intermediates too: exact GELU keeps two (batch, len, intermediate) arrays besides its input,
+    SiLU's ``sigmoid(gate)`` and ``act(gate)`` one each."""
+    return fn(*args)
 
 
-def _gated_activation_fwd(act, gate, up):
-    return act(gate) * up, (gate, up)
+def _recompute_in_backward_fwd(fn, *args):
+    return fn(*args), args
 
 
-def _gated_activation_bwd(act, residuals, g):
-    gate, up = residuals
-    _, vjp = jax.vjp(lambda gate, up: act(gate) * up, computed_after(gate, g), up)
+def _recompute_in_backward_bwd(fn, args, g):
+    _, vjp = jax.vjp(fn, computed_after(args[0], g), *args[1:])
     return vjp(g)
 
 
-gated_activation.defvjp(_gated_activation_fwd, _gated_activation_bwd)
+recompute_in_backward.defvjp(_recompute_in_backward_fwd, _recompute_in_backward_bwd)
 
 
 @jax.custom_vjp

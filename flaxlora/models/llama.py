@@ -22,7 +22,7 @@ from flaxlora.models.layers import (
     Stack,
     activation,
     attention,
-    gated_activation,
+    recompute_in_backward,
     split_heads,
 )
 
@@ -81,7 +81,8 @@ class LlamaMLP(Block):
         gate = self.dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=cfg.mlp_bias, name="gate_proj")
         up = self.dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=cfg.mlp_bias, name="up_proj")
         down = self.dense(cfg.hidden_size, ("mlp", "embed"), use_bias=cfg.mlp_bias, name="down_proj")
-        return down(gated_activation(activation(cfg.hidden_act), gate(x), up(x)))
+        act = activation(cfg.hidden_act)
+        return down(recompute_in_backward(lambda g, u: act(g) * u, gate(x), up(x)))
 
 
 class LlamaDecoderLayer(Block):

@@ -31,7 +31,7 @@ from flaxlora.models.layers import (
     SequenceClassifier,
     activation,
     attention,
-    gated_activation,
+    recompute_in_backward,
     remat_layer,
     split_heads,
 )
@@ -136,7 +136,10 @@ class T5DenseReluDense(Block):
         def wi(name: str) -> Array:
             return self.dense(cfg.d_ff, ("embed", "mlp"), use_bias=False, stddev=f * cfg.d_model**-0.5, name=name)(x)
 
-        h = gated_activation(act, wi("wi_0"), wi("wi_1")) if cfg.is_gated_act else act(wi("wi"))
+        if cfg.is_gated_act:
+            h = recompute_in_backward(lambda g, u: act(g) * u, wi("wi_0"), wi("wi_1"))
+        else:
+            h = recompute_in_backward(act, wi("wi"))
         h = Dropout(cfg.dropout_rate)(h, deterministic)
         return self.dense(cfg.d_model, ("mlp", "embed"), use_bias=False, stddev=f * cfg.d_ff**-0.5, name="wo")(h)
 
