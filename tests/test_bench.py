@@ -1,22 +1,60 @@
 """experiments/bench.py hands each side process the configuration it is to measure."""
 
 import pathlib
-import shlex
+
+import pytest
 
 import bench  # experiments/ (on sys.path: conftest.py)
 
 
 def test_every_flag_of_our_side_reaches_its_process():
-    base = ["--preset", "enhanced", "--rank", "16", "--lora-path", "merged", "--batch", "8", "--seq-len", "64"]
-    ours = bench.parser().parse_args(base)
-    vs = bench.parser().parse_args([*base, *shlex.split("--quantize nf4 --scan-layers --remat block")])  # as main() builds --vs
-    for side in (ours, vs):
+    base = ["--preset", "enhanced", "--rank", "16", "--lora-path", "merged", "--batch", "8", "--seq-len", "64",
+            "--param-dtype", "bfloat16", "--peer-device", "cuda", "--memory-account"]
+    args = bench.parse([*base, "--vs", "--quantize nf4 --scan-layers --remat block", "--variant", "--remat full"])
+    for side in (args, args.vs_args, *args.variant_args):
         argv = bench.side_args(side, "ours", pathlib.Path("batches.npz"))
         parsed = bench.parser().parse_args(argv[2:])
         for name in ("model", "preset", "rank", "lora_path", "quantize", "scan_layers", "remat", "batch", "seq_len", "dtype",
-                     "targets", "warmup", "eval_batch", "eval_batches"):
+                     "param_dtype", "peer_device", "memory_account", "targets", "warmup", "eval_batch", "eval_batches"):
             assert getattr(parsed, name) == getattr(side, name), name
-    assert vs.quantize == "nf4" and vs.scan_layers and vs.remat == "block"
+    assert args.vs_args.quantize == "nf4" and args.vs_args.scan_layers and args.vs_args.remat == "block"
+    assert args.variant_args[0].remat == "full" and args.variant_args[0].param_dtype == "bfloat16"
+    assert "--memory-account" not in bench.side_args(args, "peft", pathlib.Path("batches.npz"))  # ours only
+
+
+def test_peft_is_not_asked_to_mirror_a_quantized_base(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse(["--peer", "peft", "--quantize", "nf4"])
+    assert "bitsandbytes" in capsys.readouterr().err
+    args = bench.parse(["--peer", "peft", "--variant", "--quantize nf4"])  # as a variant: ours alone
+    assert bench.peer_mirrors(args.variant_args[0]) and not bench.peer_mirrors(args)
+
+
+def test_device_peaks_name_the_accelerators_and_fall_back_to_the_cpu_formula():
+    assert bench.peak_flops("NVIDIA H200", "bfloat16") == (989e12, "H200 bfloat16")
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "float32") == (67e12, "H100 float32")
+    assert bench.peak_flops("TPU v5 lite", "float32") == (197e12, "TPU v5e bfloat16")  # a TPU has no float32 peak
+    assert bench.peak_flops("cpu", "float32")[1] == "cpu formula"
+
+
+def test_the_accelerator_command_runs_at_a_tiny_size(tmp_path):
+    """The GPU command (ours against PEFT, variants, memory account) on a tiny random Llama on CPU."""
+    import bench_memory
+
+    model = tmp_path / "llama"
+    bench_memory.make_model(model, hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2)
+    result = bench.main(["--model", str(model), "--batch", "2", "--seq-len", "16", "--dtype", "bfloat16", "--steps", "1",
+                         "--warmup", "1", "--eval-batches", "0", "--peer", "peft", "--memory-account",
+                         "--variant", "--remat full", "--variant", "--quantize nf4", "--json", str(tmp_path / "out.json")])
+    assert result["remat"] == "none" and result["peer"]["gradient_checkpointing"] is False
+    account = result["memory_account"]
+    assert account["by_category"]["frozen"] > 0 and account["peak"] <= account["argument"] + account["temp"] + account["output"]
+    remat, nf4 = result["variants"]
+    assert remat["ours"]["remat"] == "full" and remat["peer"]["gradient_checkpointing"] is True
+    assert remat["ours"]["memory_account"]["by_category"]["activations"] < account["by_category"]["activations"]
+    assert nf4["ours"]["quantize"] == "nf4" and "bitsandbytes" in nf4["peer"]["skipped"]
+    assert nf4["ours"]["memory_account"]["by_category"]["frozen"] < account["by_category"]["frozen"]
+    assert all(r["peak_flops_of"] == "cpu formula" and r["device_peak_mb"] is None for r in (result, result["peer"]))
 
 
 def test_option_lists_match_the_library():  # bench's parent process imports no jax, so it keeps copies
