@@ -200,13 +200,14 @@ def abstract_train_step(config, *, preset: str, dtype: str, param_dtype: str, ba
     placed = pytree.flatten(sharding.param_shardings(model, mesh))
     shapes = pytree.flatten(jax.eval_shape(functools.partial(init_params, model), jax.random.key(0)))
     structs = {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed[p]) for p, x in shapes.items()}
-    if quantize:
-        replicated = sharding.replicated(mesh)
+    if quantize:  # each quantized weight's codes and scales placed as its float kernel (as loading places them)
         skip = re.compile(run.lora.trainable) if run.lora.trainable else None
         for p, x in structs.items():
             if quantizable(p, x.shape, quantize) and not (skip and skip.search(p)):
                 q = jax.eval_shape(functools.partial(quantize_weight, scheme=quantize), x)
-                structs[p] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), q)
+                places = q.data_shardings(x.sharding)
+                structs[p] = q.replace(data={k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=places[k])
+                                             for k, a in q.data.items()})
     params = pytree.unflatten(structs)
     tx = lora_optimizer(run.learning_rate, loraplus_ratio=run.loraplus_ratio, weight_decay=run.weight_decay,
                         max_grad_norm=run.max_grad_norm)

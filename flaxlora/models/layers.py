@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
+from jax.ad_checkpoint import checkpoint_name
 
 from flaxlora.dropout import dropout
 from flaxlora.models.scan import LORA_COLLECTIONS, SCANNED
@@ -32,14 +33,19 @@ ACTIVATIONS: Mapping[str, Callable[[Array], Array]] = {
 }
 
 
+# The name (jax.ad_checkpoint.checkpoint_name) of every dense layer's output, however it multiplies.
+DENSE_OUTPUT = "dense_output"
 # Activation checkpointing of each transformer layer: what its forward keeps for the backward pass.
-# "block" keeps the outputs of its matmuls with a weight (dots without batch dimensions) and
-# recomputes the rest (norms, activations, attention); "full" keeps only the layer's input and
-# recomputes the whole layer. Either way an FSDP all-gather of a weight is redone in the backward
-# pass instead of the gathered weight being kept alive from the forward.
+# "block" keeps the outputs of its matmuls with a weight (the dense layers', named DENSE_OUTPUT,
+# and the adapters' dots without batch dimensions) and recomputes the rest (norms, activations,
+# attention); "full" keeps only the layer's input and recomputes the whole layer. Either way an
+# FSDP all-gather of a weight is redone in the backward pass instead of the gathered weight being
+# kept alive from the forward.
 REMAT_POLICIES: Mapping[str, Callable | None] = {
     "none": None,
-    "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "block": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
@@ -141,8 +147,13 @@ f32_accumulated_dot.defvjp(_f32_accumulated_dot_fwd, _f32_accumulated_dot_bwd, s
 def _dense_dot_general(x, w, dimension_numbers, precision=None):
     """``nn.Dense``'s ``dot_general`` in a low-precision dtype: :func:`f32_accumulated_dot`,
     returned in that dtype (as PyTorch's autocast does: what the next layer reads and the backward
-    pass keeps is half the size)."""
-    return f32_accumulated_dot(x, w).astype(x.dtype)
+    pass keeps is half the size), named :data:`DENSE_OUTPUT`."""
+    return checkpoint_name(f32_accumulated_dot(x, w).astype(x.dtype), DENSE_OUTPUT)
+
+
+def _float32_dot_general(x, w, dimension_numbers, precision=None):
+    """``nn.Dense``'s ``dot_general`` in float32, named :data:`DENSE_OUTPUT`."""
+    return checkpoint_name(jax.lax.dot_general(x, w, dimension_numbers, precision=precision), DENSE_OUTPUT)
 
 
 def _logits_dot_general(x, w, dimension_numbers, precision=None):
@@ -194,7 +205,7 @@ class Block(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=self._init(nn.initializers.normal(stddev), axes),
             bias_init=self._init(nn.initializers.zeros_init(), axes[1:]),
-            **(self._low_precision(logits) if jnp.finfo(self.dtype).bits < 32 else {}),
+            **(self._low_precision(logits) if jnp.finfo(self.dtype).bits < 32 else {"dot_general": _float32_dot_general}),
             **({"name": name} if name else {}),
         )
 
