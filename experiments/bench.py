@@ -37,7 +37,8 @@ full its gradient checkpointing (Hugging Face's, per layer); --peer-device cuda 
 (on CPU: torch.set_num_threads = the same cores, OMP_WAIT_POLICY=PASSIVE unless set: spinning
 OpenMP threads lose badly on a shared CPU). Each --variant FLAGS adds our configuration with FLAGS
 changed and, with --peer, PEFT's mirror of it (none for --quantize: PEFT's 4-bit base needs
-bitsandbytes), under "variants". All sides are set up at once (compiles and loads overlap); the
+bitsandbytes; the main PEFT side where the flags change nothing PEFT does, e.g. --scan-layers),
+under "variants". All sides are set up at once (compiles and loads overlap); the
 timed steps are split into --rounds rounds that alternate between the sides, so that a change in
 the machine's load falls on all.
 
@@ -492,6 +493,12 @@ def peer_mirrors(args) -> str | None:
     return None
 
 
+def peer_settings(args) -> tuple:
+    """What PEFT's side depends on: a variant that changes none of it shares the main PEFT side
+    (e.g. --scan-layers, --lora-path: ours alone)."""
+    return (args.dtype, args.param_dtype, args.remat or "none", args.preset, args.rank, args.targets)
+
+
 def measure(args) -> dict:
     """Our side (and the peer's, and each --variant's) on one configuration, timed in alternation;
     the dict OUT.json holds."""
@@ -503,7 +510,7 @@ def measure(args) -> dict:
             sides.append(Side(args.vs_args, "ours", data, label="vs", root=args.vs_root))
         for i, variant in enumerate(args.variant_args):
             sides.append(Side(variant, "ours", data, label=f"ours:{i}"))
-            if args.peer and peer_mirrors(variant) is None:
+            if args.peer and peer_mirrors(variant) is None and peer_settings(variant) != peer_settings(args):
                 sides.append(Side(variant, "peft", data, label=f"peft:{i}"))
         sides = [s.ready() for s in sides]  # all set up at once: compiles and loads overlap
         times = {s.label: {"train": [], "eval": []} for s in sides}
@@ -555,9 +562,10 @@ def measure(args) -> dict:
         entry = {"flags": flags, "ours": figures(f"ours:{i}")}
         if args.peer:
             why = peer_mirrors(variant)
-            entry["peer"] = {"skipped": why} if why else figures(f"peft:{i}")
+            shared = peer_settings(variant) == peer_settings(args)
+            entry["peer"] = {"skipped": why} if why else {"shared": "peft"} if shared else figures(f"peft:{i}")
             if not why:
-                entry["ratios"] = ratios(entry["ours"], entry["peer"])
+                entry["ratios"] = ratios(entry["ours"], result["peer"] if shared else entry["peer"])
         result["variants"].append(entry)
     return result
 
@@ -599,9 +607,10 @@ def summary(r: dict) -> str:
                   f"peak RSS {q['peak_rss']:.2f}x"]
     for v in r["variants"]:
         lines += [f"variant {v['flags']}:", side("ours", v["ours"])]
-        if "peer" in v:
-            lines += [f"  peft: {v['peer']['skipped']}"] if "skipped" in v["peer"] else [side("peft", v["peer"]),
-                                                                                      against(v["ratios"])]
+        if "skipped" in v.get("peer", {}):
+            lines.append(f"  peft: {v['peer']['skipped']}")
+        elif "peer" in v:
+            lines += ([] if "shared" in v["peer"] else [side("peft", v["peer"])]) + [against(v["ratios"])]
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ classification: no LM head). Written as table.md and table.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -98,13 +99,54 @@ def markdown(rows: list[dict], seq_len: int, batch: int, usable: float, command:
     return "\n".join(lines + ["", "Devices:", *device_lines, ""])
 
 
+def check(bench_json: Path) -> list[dict]:
+    """The model against what experiments/bench.py measured (its --json, with --memory-account):
+    each of our sides' device peak (the allocator's, against ``required``) and XLA's live peak
+    (its memory account, against ``peak``), as ratios estimate / measured."""
+    from flaxlora.loading import load_config
+
+    result = json.loads(bench_json.read_text())
+    c = result["config"]
+    config = load_config(c["model"])
+    sides = [("main", result)] + [(v["flags"], v["ours"]) for v in result.get("variants", [])]
+    rows = []
+    for name, side in sides:
+        kind = side["device"].lower()
+        backend = "cpu" if kind == "cpu" or "cpu" in kind else "tpu" if "tpu" in kind else "gpu"
+        estimate = estimate_memory(dataclasses.replace(config, remat=side["remat"]), batch=c["batch"],
+                                   seq_len=c["seq_len"], lora=PRESETS[c["preset"]].lora, compute_dtype=c["dtype"],
+                                   param_dtype=side["param_dtype"], remat=side["remat"], quantize=side["quantize"],
+                                   backend=backend)
+        account = side.get("memory_account") or {}
+        measured = {"device_peak": side["device_peak_mb"] and side["device_peak_mb"] * 2**20,
+                    "xla_live_peak": account.get("peak")}
+        row = {"side": name, "device": side["device"], "estimate_required": estimate.required,
+               "estimate_peak": estimate.peak, **measured,
+               "ratio_device": measured["device_peak"] and estimate.required / measured["device_peak"],
+               "ratio_xla": measured["xla_live_peak"] and estimate.peak / measured["xla_live_peak"]}
+        row["within_15_percent"] = all(abs(r - 1) <= 0.15 for r in (row["ratio_device"], row["ratio_xla"]) if r)
+        rows.append(row)
+        print(f"{name}: estimate {estimate.required / GIB:.2f} GiB (step peak {estimate.peak / GIB:.2f}); measured "
+              + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in measured.items() if v)
+              + f"; within 15%: {row['within_15_percent']}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="folder for table.md and table.json")
+    p.add_argument("--out", type=Path, required=True, help="folder for table.md and table.json (with --check: "
+                                                           "the JSON file the comparison is written to)")
+    p.add_argument("--check", type=Path, help="instead: compare the model with an experiments/bench.py --json (made "
+                                              "with --memory-account)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=8, help="the global batch whose peak is shown")
     p.add_argument("--usable", type=float, default=0.9, help="fraction of a device's memory a run may fill")
     args = p.parse_args(argv)
+    if args.check:
+        rows = check(args.check)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"bench": str(args.check), "rows": rows}, indent=1))
+        return rows
     rows = table(args.seq_len, args.batch, args.usable)
     command = "python experiments/memory_model.py --out " + str(args.out) + (
         f" --seq-len {args.seq_len}" if args.seq_len != 512 else "")

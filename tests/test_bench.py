@@ -1,6 +1,10 @@
 """experiments/bench.py hands each side process the configuration it is to measure."""
 
+import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -37,26 +41,6 @@ def test_device_peaks_name_the_accelerators_and_fall_back_to_the_cpu_formula():
     assert bench.peak_flops("cpu", "float32")[1] == "cpu formula"
 
 
-def test_the_accelerator_command_runs_at_a_tiny_size(tmp_path):
-    """The GPU command (ours against PEFT, variants, memory account) on a tiny random Llama on CPU."""
-    import bench_memory
-
-    model = tmp_path / "llama"
-    bench_memory.make_model(model, hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2)
-    result = bench.main(["--model", str(model), "--batch", "2", "--seq-len", "16", "--dtype", "bfloat16", "--steps", "1",
-                         "--warmup", "1", "--eval-batches", "0", "--peer", "peft", "--memory-account",
-                         "--variant", "--remat full", "--variant", "--quantize nf4", "--json", str(tmp_path / "out.json")])
-    assert result["remat"] == "none" and result["peer"]["gradient_checkpointing"] is False
-    account = result["memory_account"]
-    assert account["by_category"]["frozen"] > 0 and account["peak"] <= account["argument"] + account["temp"] + account["output"]
-    remat, nf4 = result["variants"]
-    assert remat["ours"]["remat"] == "full" and remat["peer"]["gradient_checkpointing"] is True
-    assert remat["ours"]["memory_account"]["by_category"]["activations"] < account["by_category"]["activations"]
-    assert nf4["ours"]["quantize"] == "nf4" and "bitsandbytes" in nf4["peer"]["skipped"]
-    assert nf4["ours"]["memory_account"]["by_category"]["frozen"] < account["by_category"]["frozen"]
-    assert all(r["peak_flops_of"] == "cpu formula" and r["device_peak_mb"] is None for r in (result, result["peer"]))
-
-
 def test_option_lists_match_the_library():  # bench's parent process imports no jax, so it keeps copies
     from flaxlora.models.layers import REMAT_POLICIES
     from flaxlora.qqp.config import PRESETS
@@ -72,4 +56,28 @@ def test_measure_ours_turns_keywords_into_bench_options(monkeypatch):
                               eval_batches=0)
     assert (args.preset, args.seq_len, args.batch, args.rank, args.scan_layers, args.remat, args.eval_batches) == \
         ("enhanced", 64, 8, None, True, None, 0)
-    assert args.peer is None and args.vs is None  # our side alone
+
+
+def test_the_accelerator_memory_check_runs_at_a_tiny_size(tmp_path):
+    """experiments/memory_check.sh --tiny: the GPU commands (ours against PEFT, the variants, the
+    memory account, the memory model's check) on a tiny random Llama, PEFT on the CPU."""
+    root = pathlib.Path(bench.__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "experiments" / "memory_check.sh"), str(tmp_path), "--tiny"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["remat"] == "none" and result["peer"]["gradient_checkpointing"] is False
+    account = result["memory_account"]
+    assert account["by_category"]["frozen"] > 0 and account["peak"] <= account["argument"] + account["temp"] + account["output"]
+    bf16, remat, nf4, scan = result["variants"]
+    assert bf16["ours"]["param_dtype"] == bf16["peer"]["param_dtype"] == "bfloat16"
+    assert remat["ours"]["remat"] == "full" and remat["peer"]["gradient_checkpointing"] is True
+    assert remat["ours"]["memory_account"]["by_category"]["activations"] < account["by_category"]["activations"]
+    assert nf4["ours"]["quantize"] == "nf4" and "bitsandbytes" in nf4["peer"]["skipped"]
+    assert nf4["ours"]["memory_account"]["by_category"]["frozen"] < account["by_category"]["frozen"]
+    assert scan["ours"]["scan_layers"] and scan["peer"] == {"shared": "peft"} and "train_throughput" in scan["ratios"]
+    assert all(r["peak_flops_of"] == "cpu formula" and r["device_peak_mb"] is None for r in (result, result["peer"]))
+    check = json.loads((tmp_path / "memory_model_check.json").read_text())["rows"]
+    assert [r["side"] for r in check] == ["main", "--param-dtype bfloat16", "--remat full", "--quantize nf4", "--scan-layers"]
+    assert all(r["ratio_xla"] > 0 for r in check)
