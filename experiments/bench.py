@@ -206,7 +206,7 @@ class Ours:
         try:  # held as a run holds them
             from flaxlora.lora.factored import frozen_in_compute_dtype
 
-            self.frozen = frozen_in_compute_dtype(self.frozen, DTYPES[run.dtype], lora, run.lora_path)
+            self.frozen = frozen_in_compute_dtype(self.frozen, DTYPES[run.dtype], lora, run.lora_path, free=True)
         except ImportError:  # an older source tree (--vs-root): its weights stay as stored
             pass
         self.step_fn, _ = training.jit_train_step(

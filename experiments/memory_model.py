@@ -78,7 +78,7 @@ def markdown(rows: list[dict], seq_len: int, batch: int, usable: float, command:
              "the 8 chips and rematerialises every layer, as a run on it does (`--remat auto`). Storage: the frozen "
              "base as loaded (`--param-dtype`, `--quantize nf4`); with bf16 compute a run holds fp32 matrices in "
              "bf16 once (`frozen_in_compute_dtype`), so fp32 and bf16 storage need the same memory in training, "
-             "but fp32 storage holds both copies while casting (a cell fits both: a batch of 0 where that does not fit).",
+             "but fp32 storage is loaded in fp32 first (a cell fits that too: a batch of 0 where it does not).",
              "",
              f"Command: `{command}`",
              "",

@@ -105,6 +105,10 @@ def test_frozen_weights_held_in_the_compute_dtype_give_the_same_step(lora_path):
                                               flaxlora.lora_optimizer(1e-2), jax.random.key(1))
     trainable = {**state.trainable, "lora": perturb_b(state.trainable["lora"])}
     held = frozen_in_compute_dtype(frozen, jnp.bfloat16, config, lora_path)
+    copy = jax.tree.map(jnp.copy, frozen)
+    freed = frozen_in_compute_dtype(copy, jnp.bfloat16, config, lora_path, free=True)  # the originals deleted
+    assert copy["model"]["layers"]["1"]["mlp"]["up_proj"]["kernel"].is_deleted()
+    jax.tree.map(np.testing.assert_array_equal, freed, held)
     dtypes = {p: x.dtype for p, x in pytree.flatten(held).items()}
     assert dtypes["model/layers/0/mlp/up_proj/kernel"] == dtypes["model/embed_tokens/embedding"] == jnp.bfloat16
     assert dtypes["model/layers/0/input_layernorm/scale"] == jnp.float32

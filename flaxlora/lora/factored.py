@@ -9,6 +9,7 @@ one that applies LoRA dropout. Outputs equal :func:`flaxlora.apply_lora`'s merge
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -167,18 +168,28 @@ def compute_dtype_paths(frozen: PyTree, dtype: Any, config: LoraConfig, lora_pat
             and jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits > jnp.finfo(dtype).bits]
 
 
-def frozen_in_compute_dtype(frozen: PyTree, dtype: Any, config: LoraConfig, lora_path: str = "factored") -> PyTree:
+def frozen_in_compute_dtype(frozen: PyTree, dtype: Any, config: LoraConfig, lora_path: str = "factored", *,
+                            free: bool = False) -> PyTree:
     """``frozen`` with its matrices (:func:`compute_dtype_paths`) held in the compute ``dtype``.
 
     The model casts them to its compute dtype at every use, so holding the cast once gives the
     same numbers, without a cast per step and with half the weight memory in bfloat16; vectors
-    (norm scales, biases) keep their dtype. Cast by one jitted program, each leaf in its own
-    sharding: until the caller drops ``frozen``, both copies are alive.
+    (norm scales, biases) keep their dtype. Cast layer by layer (one jitted program serves every
+    layer), each leaf in its own sharding. free: delete each original matrix once its layer is
+    cast, so that beside the base only one layer exists twice; ``frozen`` is unusable afterwards
+    (without it, both copies live until the caller drops ``frozen``).
     """
     flat = pytree.flatten(frozen)
-    chosen = {path: flat[path] for path in compute_dtype_paths(frozen, dtype, config, lora_path)}
-    if not chosen:
-        return frozen
-    shardings = {path: x.sharding for path, x in chosen.items()}
-    cast = jax.jit(lambda tree: jax.tree.map(lambda w: w.astype(dtype), tree), out_shardings=shardings)
-    return pytree.replace(frozen, cast(chosen))
+    by_layer: dict[str, list[str]] = {}
+    for path in compute_dtype_paths(frozen, dtype, config, lora_path):
+        layer = re.search(r"/(\d+)/", path)
+        by_layer.setdefault(layer.group(1) if layer else "", []).append(path)
+    cast = jax.jit(lambda leaves, dtype: [w.astype(dtype) for w in leaves], static_argnums=1)
+    held = {}
+    for paths in by_layer.values():
+        originals = [flat[p] for p in paths]
+        held.update(zip(paths, cast(originals, jnp.dtype(dtype))))
+        if free:
+            for x in originals:
+                x.delete()
+    return pytree.replace(frozen, held) if held else frozen

@@ -54,8 +54,8 @@ class MemoryEstimate:
     weights: the frozen base as held (its share with FSDP); state: the trained parameters, their
     AdamW moments and gradients; activations: what the layers keep for the backward pass; workspace:
     the last layer's backward pass (its full set of activations, its transients, and with FSDP two
-    gathered layers of weights); loading: before training, the base as loaded and as held, both
-    alive while it is cast to the compute dtype once (just the base when nothing is cast).
+    gathered layers of weights); loading: before training, the base as loaded and, while it is
+    cast to the compute dtype layer by layer, one layer's cast.
     """
 
     weights: int
@@ -82,7 +82,8 @@ def _bytes(dtype: Any) -> int:
 @dataclasses.dataclass(frozen=True)
 class _Parameters:
     frozen: int  # bytes per device of the frozen base as held
-    recast: int  # bytes per device, as loaded, of the frozen matrices a run casts to the compute dtype once
+    loaded: int  # bytes per device of the frozen base as loaded (before the cast to the compute dtype)
+    cast: bool  # whether a run casts matrices to the compute dtype once
     layer: int  # bytes of one layer's frozen matrices as held, whole (what FSDP gathers)
     trained: int  # trained parameters (adapters and fully trained extras)
     rank: int  # the adapters' (largest) rank
@@ -101,7 +102,7 @@ def _parameters(config: Any, lora: LoraConfig, compute_dtype: str, param_dtype: 
     shapes = pytree.flatten(params)
     trained = set(trainable_paths(params, lora))
     held = min(_bytes(param_dtype), _bytes(compute_dtype))
-    frozen = layer = cast = 0
+    frozen = layer = loaded = 0
     for path, x in shapes.items():
         if path in trained:
             continue
@@ -110,7 +111,7 @@ def _parameters(config: Any, lora: LoraConfig, compute_dtype: str, param_dtype: 
             size = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(q))
         elif len(x.shape) >= 2:
             size = math.prod(x.shape) * held
-            cast += math.prod(x.shape) * _bytes(param_dtype) // devices if held < _bytes(param_dtype) else 0
+            loaded += math.prod(x.shape) * _bytes(param_dtype) // devices - size // devices
         else:
             frozen += math.prod(x.shape) * x.dtype.itemsize  # vectors (norms, biases) are replicated
             continue
@@ -125,7 +126,7 @@ def _parameters(config: Any, lora: LoraConfig, compute_dtype: str, param_dtype: 
         if role is None:
             raise ValueError(f"the memory model knows no layer module like the adapter target {path!r}")
         widths[role] = widths.get(role, 0) + math.prod(target.fan_out)
-    return _Parameters(frozen, cast, layer, sum(a.size for a in jax.tree.leaves(adapters))
+    return _Parameters(frozen, frozen + loaded, held < _bytes(param_dtype), layer, sum(a.size for a in jax.tree.leaves(adapters))
                        + sum(math.prod(shapes[p].shape) for p in trained),
                        max((t.rank for t in targets.values()), default=0), len(in_layer), widths)
 
@@ -192,7 +193,7 @@ def estimate_memory(config: Any, *, batch: int, seq_len: int, lora: LoraConfig, 
     mlp = 2 * tokens * f * compute + tokens * f * 4
     workspace = whole + max(attention, mlp) + 2 * tokens * h * 4 + (2 * p.layer if devices > 1 else 0)
     return MemoryEstimate(weights=p.frozen, state=p.trained * 16, activations=(layers - 1) * kept,
-                          workspace=workspace, loading=p.frozen + p.recast)
+                          workspace=workspace, loading=p.loaded + (p.layer // devices if p.cast else 0))
 
 
 def largest_batch(config: Any, device_memory: int, *, seq_len: int, lora: LoraConfig, usable: float = 0.9,

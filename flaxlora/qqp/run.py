@@ -264,7 +264,7 @@ def finetune(run: RunConfig, output_dir: str | os.PathLike, *, resume: bool = Fa
     lora = lora_config(run)
     state, frozen = training.init_train_state(pretrained.params, lora, tx, jax.random.key(run.seed), mesh)
     pretrained = dataclasses.replace(pretrained, params=None)  # the frozen tree shares its arrays
-    frozen = frozen_in_compute_dtype(frozen, DTYPES[run.dtype], lora, run.lora_path)  # bf16 compute: cast once
+    frozen = frozen_in_compute_dtype(frozen, DTYPES[run.dtype], lora, run.lora_path, free=True)  # bf16 compute: cast once
     apply = training.logits_fn(pretrained.model, lora, run.lora_path)
     step_fn, _ = training.jit_train_step(
         apply, tx, mesh, state, frozen,
