@@ -87,3 +87,10 @@ def test_fsdp_shards_the_frozen_matrices_and_the_batch():
     with pytest.raises(ValueError, match="Llama and BERT"):
         estimate_memory(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4), batch=1,
                         seq_len=8, lora=lora)
+
+
+def test_a_live_range_dump_without_its_peak_section_is_refused_by_name():
+    from flaxlora.memory.account import peak_buffers
+
+    with pytest.raises(ValueError, match="Live ranges at N"):
+        peak_buffers("HloLiveRange (max 3):\n  InstructionSequence:\n    0:p\n")
