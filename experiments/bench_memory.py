@@ -12,6 +12,16 @@ compared with the model's size on disk:
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/bench_memory.py \
         --model runs/llama-2.6g --step-temporaries --remat none     # XLA's temporaries of one step
 
+``--account`` instead compiles one train step from the model's shapes alone (no weight is made
+or read: a 1B model is analysed on a laptop) and prints XLA's account of its memory per device
+(:func:`flaxlora.memory.memory_account`): arguments, outputs, temporaries, and what is live at the
+peak by kind (frozen weights, train state, copies of weights, saved activations, backward
+temporaries); ``--json`` writes it:
+
+    python experiments/bench_memory.py --account --hidden 2048 --layers 22 --intermediate 5632 \
+        --heads 32 --kv-heads 4 --batch-size 8 --seq-len 512 --dtype bfloat16     # a 1.07B Llama
+    python experiments/bench_memory.py --account --model minilm-l6 --batch-size 32 --seq-len 128
+
 The targets printed are those of the scale-out issue: one 8-device process under the model's
 size + 2 GB, each of 2 four-device processes under half of it + 2 GB (with the mesh sharding
 every large weight over all devices); with ``--extra --quantize nf4`` (QLoRA), a quarter of the
@@ -23,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -34,16 +45,27 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 
-def make_model(folder: Path, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int) -> int:
+def smollm2_tokenizer(folder: Path | None = None):
+    """SmolLM2's tokenizer (vocabulary 49152): from ``folder`` (one :func:`save_tokenizer` wrote,
+    3.4 MB: for machines without the ``gguf`` package), else read from the bundled GGUF file."""
+    if folder is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    from flaxlora.loading import GGUFFile
+    from flaxlora.loading.registry import resolve
+
+    return GGUFFile(resolve("smollm2-135m")).tokenizer()
+
+
+def make_model(folder: Path, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int,
+               tokenizer_folder: Path | None = None) -> int:
     """A random Llama checkpoint (fp32 safetensors, one file per layer) with SmolLM2's tokenizer
     (vocabulary 49152); returns its size in bytes. Written tensor by tensor: memory stays at one layer."""
     import numpy as np
     from safetensors.numpy import save_file
 
-    from flaxlora.loading import GGUFFile
-    from flaxlora.loading.registry import resolve
-
-    tokenizer = GGUFFile(resolve("smollm2-135m")).tokenizer()
+    tokenizer = smollm2_tokenizer(tokenizer_folder)
     vocab, head_dim = len(tokenizer), hidden // heads
     folder.mkdir(parents=True, exist_ok=True)
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
@@ -55,7 +77,9 @@ def make_model(folder: Path, hidden: int, layers: int, intermediate: int, heads:
     rng = np.random.default_rng(0)
 
     def normal(*shape):
-        return (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+        values = rng.standard_normal(shape, dtype=np.float32)
+        values *= 0.02
+        return values
 
     parts = {"model-embed.safetensors": {"model.embed_tokens.weight": normal(vocab, hidden),
                                          "model.norm.weight": np.ones(hidden, np.float32)}}
@@ -77,8 +101,10 @@ def make_model(folder: Path, hidden: int, layers: int, intermediate: int, heads:
         tensors = parts.pop(file)  # one file's tensors alive at a time
         save_file(tensors, folder / file)
         weight_map |= dict.fromkeys(tensors, file)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return model_bytes(folder)
+    size = model_bytes(folder)  # Hugging Face's loader needs the metadata
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": size},
+                                                                     "weight_map": weight_map}))
+    return size
 
 
 def model_bytes(model: Path) -> int:
@@ -126,33 +152,106 @@ def run_layout(model: Path, processes: int, devices: int, args: argparse.Namespa
             "train_tokens_per_s": results["train_tokens_per_s"], "final_loss": results["splits"]["validation"]["loss"]}
 
 
-def step_temporaries(model: Path, mesh_spec: str, remat: str, quantize: str | None, batch: int, seq_len: int) -> dict:
-    """XLA's own account of one compiled train step on this process's devices (``memory_analysis``):
-    the temporaries per device beyond arguments and outputs (run with the XLA_FLAGS device count)."""
+def model_config(args: argparse.Namespace):
+    """The architecture to analyse: ``--model``'s config, else a Llama of the size flags, with
+    SmolLM2's vocabulary (``--vocab``, 49152) and ``--remat``, ``--scan-layers`` applied."""
+    import dataclasses
+
+    from flaxlora.loading import load_config
+    from flaxlora.models import LlamaConfig, scanned_config
+
+    if args.model is not None:
+        config = load_config(str(args.model))
+    else:
+        config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                             num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                             num_key_value_heads=args.kv_heads, tie_word_embeddings=True)
+    config = dataclasses.replace(config, remat="none" if args.remat == "auto" else args.remat)
+    return scanned_config(config) if args.scan_layers else config
+
+
+def abstract_train_step(config, *, preset: str, dtype: str, param_dtype: str, batch: int, seq_len: int,
+                        quantize: str | None = None, mesh_spec: str | None = None):
+    """``(lowered, argument shapes)`` of the run's jitted train step for ``config``, built from
+    shapes alone as experiments/qqp.py builds it from weights: the preset's adapter, optimizer and
+    train state, the frozen weights in their storage dtype (quantized with ``quantize``; matrices
+    held in the compute dtype, :func:`~flaxlora.lora.factored.frozen_in_compute_dtype`) and
+    shardings on the mesh."""
+    import functools
+
     import jax
-    import numpy as np
+    import jax.numpy as jnp
 
-    from flaxlora import training
-    from flaxlora.loading import load_pretrained
+    from flaxlora import pytree, training
     from flaxlora.lora.optim import lora_optimizer
-    from flaxlora.qqp.config import PRESETS
-    from flaxlora.qqp.run import remat_for
+    from flaxlora.models import init_params, sequence_classifier
+    from flaxlora.qqp.config import DTYPES, PRESETS
+    from flaxlora.qqp.run import lora_config
+    from flaxlora.quant.arrays import is_quantized, quantize_weight
+    from flaxlora.quant.tree import quantizable
     from flaxlora.training import sharding
+    from flaxlora.training.step import state_shardings
 
+    run = PRESETS[preset].replace(dtype=dtype, param_dtype=param_dtype, batch_size=batch,
+                                  scan_layers=getattr(config, "scan_layers", False))
+    lora = lora_config(run)
     mesh = sharding.make_mesh(mesh_spec)
-    run = PRESETS["lora"].replace(remat=remat)
-    remat = remat_for(run, mesh)  # "auto" resolved as a run resolves it
-    pretrained = load_pretrained(model, mesh=mesh, remat=remat, quantize=quantize, quantize_skip=run.lora.trainable)
-    tx = lora_optimizer(1e-4)
-    state, frozen = training.init_train_state(pretrained.params, run.lora, tx, jax.random.key(0), mesh)
-    step, _ = training.jit_train_step(training.logits_fn(pretrained.model, run.lora), tx, mesh, state, frozen)
-    rows = {"input_ids": np.ones((batch, seq_len), np.int32), "attention_mask": np.ones((batch, seq_len), np.int32),
-            "token_type_ids": np.zeros((batch, seq_len), np.int32), "labels": np.zeros(batch, np.int32),
-            "weights": np.ones(batch, np.float32)}
-    analysis = step.lower(state, frozen, sharding.global_batch(rows, mesh)).compile().memory_analysis()
-    return {"mesh": mesh_spec, "remat": remat, "quantize": quantize, "devices": jax.device_count(),
-            "temp_GiB_per_device": round(analysis.temp_size_in_bytes / GIB, 3),
-            "arguments_GiB_per_device": round(analysis.argument_size_in_bytes / GIB, 3)}
+    model = sequence_classifier(config, dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype])
+    placed = pytree.flatten(sharding.param_shardings(model, mesh))
+    shapes = pytree.flatten(jax.eval_shape(functools.partial(init_params, model), jax.random.key(0)))
+    structs = {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed[p]) for p, x in shapes.items()}
+    if quantize:  # each quantized weight's codes and scales placed as its float kernel (as loading places them)
+        skip = re.compile(run.lora.trainable) if run.lora.trainable else None
+        for p, x in structs.items():
+            if quantizable(p, x.shape, quantize) and not (skip and skip.search(p)):
+                q = jax.eval_shape(functools.partial(quantize_weight, scheme=quantize), x)
+                places = q.data_shardings(x.sharding)
+                structs[p] = q.replace(data={k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=places[k])
+                                             for k, a in q.data.items()})
+    params = pytree.unflatten(structs)
+    tx = lora_optimizer(run.learning_rate, loraplus_ratio=run.loraplus_ratio, weight_decay=run.weight_decay,
+                        max_grad_norm=run.max_grad_norm)
+    state, frozen = jax.eval_shape(lambda p: training.init_train_state(p, lora, tx, jax.random.key(0)), params)
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state,
+                         state_shardings(state, tx, mesh, placed))
+    try:
+        from flaxlora.lora.factored import compute_dtype_paths
+    except ImportError:  # an older source tree (PYTHONPATH=...), whose frozen weights stay as stored
+        compute_dtype_paths = lambda *args: []  # noqa: E731
+    held = set(compute_dtype_paths(frozen, DTYPES[dtype], lora, run.lora_path))
+    frozen = pytree.unflatten({p: structs[p] if is_quantized(structs[p]) else jax.ShapeDtypeStruct(
+        x.shape, DTYPES[dtype] if p in held else x.dtype, sharding=structs[p].sharding)
+        for p, x in pytree.flatten(frozen).items()})
+    step, _ = training.jit_train_step(training.logits_fn(model, lora, run.lora_path), tx, mesh, state, frozen)
+    rows = sharding.batch_sharding(mesh)
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)  # noqa: E731
+    batch_shapes = {"input_ids": ints(batch, seq_len), "attention_mask": ints(batch, seq_len),
+                    "token_type_ids": ints(batch, seq_len), "labels": ints(batch),
+                    "weights": jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=rows)}
+    return step.lower(state, frozen, batch_shapes), (state, frozen)
+
+
+def account(args: argparse.Namespace) -> dict:
+    """XLA's account of the train step's memory for the flags' configuration (see the docstring)."""
+    import jax
+
+    from flaxlora.memory import memory_account
+
+    config = model_config(args)
+    start = time.perf_counter()
+    lowered, (state, frozen) = abstract_train_step(
+        config, preset=args.preset, dtype=args.dtype, param_dtype=args.param_dtype, batch=args.batch_size,
+        seq_len=args.seq_len, quantize=args.quantize, mesh_spec=args.mesh)
+    _, result = memory_account(lowered, ("state", "frozen", "batch"))
+    print(result.table())
+    weights = sum(x.size for x in jax.tree.leaves(frozen)) + sum(x.size for x in jax.tree.leaves(state.trainable))
+    return {"config": {k: getattr(config, k) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                                        "intermediate_size", "vocab_size") if hasattr(config, k)},
+            "parameters": weights, "preset": args.preset, "dtype": args.dtype, "param_dtype": args.param_dtype,
+            "remat": config.remat, "scan_layers": getattr(config, "scan_layers", False), "quantize": args.quantize,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "backend": jax.default_backend(),
+            "devices": jax.device_count(), "compile_s": round(time.perf_counter() - start, 1),
+            "account": result.to_json()}
 
 
 def main() -> None:
@@ -165,7 +264,8 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--model", type=Path, help="a Hugging Face folder (fp32 safetensors) or .gguf file to train on")
     p.add_argument("--layouts", nargs="+", default=["1x8", "2x4"], help="PROCESSESxDEVICES, e.g. 1x8 2x4")
-    p.add_argument("--mesh", default="fsdp=8")
+    p.add_argument("--mesh", help="the device mesh (default: fsdp=8 for --layouts, all devices on the data axis for "
+                                   "--account)")
     p.add_argument("--preset", default="lora")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
@@ -174,20 +274,44 @@ def main() -> None:
     p.add_argument("--remat", default="auto", choices=("auto", "none", "block", "full"))
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more experiments/qqp.py flags (last)")
     p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--step-temporaries", action="store_true",
-                   help="instead: compile one train step in this process (--mesh, --remat, --extra --quantize S) and "
-                        "print XLA's temporaries per device")
+    p.add_argument("--tokenizer", type=Path, help="--make-model: SmolLM2's tokenizer from this folder (--save-tokenizer "
+                                                  "wrote it; for machines without the gguf package)")
+    p.add_argument("--save-tokenizer", type=Path, help="write SmolLM2's tokenizer (3.4 MB) to this folder and exit")
+    account_flags = p.add_argument_group("--account: XLA's account of one train step, from shapes alone")
+    account_flags.add_argument("--account", action="store_true", help="instead: print (and --json) the compiled train "
+                               "step's memory account for --model's config or a Llama of the size flags (--mesh, "
+                               "--preset, --batch-size, --seq-len, --dtype, --param-dtype, --remat, --quantize)")
+    account_flags.add_argument("--step-temporaries", dest="account", action="store_true", help=argparse.SUPPRESS)
+    account_flags.add_argument("--vocab", type=int, default=49152, help="vocabulary of the size flags' Llama (SmolLM2's)")
+    account_flags.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    account_flags.add_argument("--quantize", choices=("nf4", "nf4-dq", "int8"), help="frozen kernels quantized")
+    account_flags.add_argument("--scan-layers", action="store_true")
     args = p.parse_args()
+    if args.save_tokenizer:
+        smollm2_tokenizer().save_pretrained(args.save_tokenizer)
+        print(f"{args.save_tokenizer}: SmolLM2's tokenizer")
+        return
     if args.make_model:
-        size = make_model(args.make_model, args.hidden, args.layers, args.intermediate, args.heads, args.kv_heads)
+        size = make_model(args.make_model, args.hidden, args.layers, args.intermediate, args.heads, args.kv_heads,
+                          args.tokenizer)
         print(f"{args.make_model}: {size / GIB:.2f} GiB of fp32 safetensors")
         return
-    if args.model is None:
-        p.error("give --model FOLDER (make one with --make-model FOLDER)")
-    if args.step_temporaries:
-        quantize = args.extra[args.extra.index("--quantize") + 1] if "--quantize" in args.extra else None
-        print(json.dumps(step_temporaries(args.model, args.mesh, args.remat, quantize, args.batch_size, args.seq_len)))
-        return
+    if args.account:
+        if "--quantize" in args.extra:  # the old --step-temporaries spelling
+            args.quantize = args.extra[args.extra.index("--quantize") + 1]
+        report = account(args)
+    else:
+        if args.model is None:
+            p.error("give --model FOLDER (make one with --make-model FOLDER) or --account")
+        report = layouts(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+def layouts(args: argparse.Namespace) -> dict:
+    """Each layout's short run (see the docstring) and its per-process peak RSS."""
+    args.mesh = args.mesh or "fsdp=8"
     size = model_bytes(args.model) / GIB
     report = {"model": str(args.model), "model_GiB": round(size, 2), "mesh": args.mesh, "preset": args.preset,
               "param_dtype": args.param_dtype, "remat": args.remat, "steps": args.steps,
@@ -202,9 +326,7 @@ def main() -> None:
             run["within_target"] = max(run["peak_rss_GiB"]) < run["target_GiB"]
             report["runs"].append(run)
             print(json.dumps(run), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

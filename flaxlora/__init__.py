@@ -7,6 +7,7 @@
     training/   the jitted sharded train step, evaluation, metrics, checkpoints (task-agnostic)
     interop/    PEFT adapters both ways, merged Hugging Face export, ``python -m flaxlora.export``
     quant/      QLoRA: frozen weights as NF4 / int8 / GGUF blocks, Dense layers computing on them
+    memory/     XLA's account of a compiled step's memory; the peak per device and the batch that fits
     qqp/        the QQP application: data, run config and presets, run loop, predictor, baselines
 
 Importing flaxlora adds its default XLA flags to ``XLA_FLAGS`` (:mod:`flaxlora.xla_flags`).
@@ -40,6 +41,7 @@ from flaxlora.lora import (
     trainable_paths,
     unmerge,
 )
+from flaxlora.memory import MemoryEstimate, estimate_memory, largest_batch, memory_account
 from flaxlora.qqp.data import load_qqp
 from flaxlora.quant import QuantizedArray, dequantize, quantize
 from flaxlora.training import confusion_counts, evaluate, metrics_from_counts
@@ -71,6 +73,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "LoraConfig",
+    "MemoryEstimate",
     "ParamSummary",
     "Pretrained",
     "QuantizedArray",
@@ -82,6 +85,7 @@ __all__ = [
     "default_buckets",
     "dequantize",
     "encode_pairs",
+    "estimate_memory",
     "eval_batches",
     "evaluate",
     "extract_lora",
@@ -90,6 +94,7 @@ __all__ = [
     "init_adapter",
     "init_lora",
     "known_models",
+    "largest_batch",
     "load_pretrained",
     "load_qqp",
     "lora_candidates",
@@ -98,6 +103,7 @@ __all__ = [
     "load_peft",
     "merge",
     "merge_pretrained",
+    "memory_account",
     "metrics_from_counts",
     "quantize",
     "resolve_targets",

@@ -54,6 +54,12 @@ class Dropout(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        key = self.key(deterministic)
+        return x if key is None else dropout(x, self.rate, key)
+
+    def key(self, deterministic: bool) -> jax.Array | None:
+        """The key of the mask ``__call__`` would draw (None where it drops nothing), for a caller
+        that applies :func:`dropout` itself (e.g. inside ``jax.checkpoint``)."""
         if deterministic or self.rate == 0.0:
-            return x
-        return dropout(x, self.rate, self.make_rng("dropout"))
+            return None
+        return self.make_rng("dropout")

@@ -87,3 +87,36 @@ def test_merged_path_refuses_lora_dropout():
     model, _, _ = toy_setup()
     with pytest.raises(ValueError, match="lora_path='factored'"):
         training.logits_fn(model, flaxlora.LoraConfig(dropout=0.1), "merged")
+
+
+@pytest.mark.parametrize("lora_path", ["factored", "merged"])
+def test_frozen_weights_held_in_the_compute_dtype_give_the_same_step(lora_path):
+    """bf16 compute multiplies by the bf16 cast of every frozen matrix: holding that cast once
+    (half the memory, no cast per step) changes no logit and no gradient; norms stay float32, and
+    the merged path keeps its targets as stored (it adds the adapter to them)."""
+    from flaxlora import pytree, training
+    from flaxlora.lora.factored import frozen_in_compute_dtype
+    from flaxlora.models import LlamaConfig, init_params, sequence_classifier
+
+    model = sequence_classifier(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2), dtype=jnp.bfloat16)
+    config = flaxlora.LoraConfig(rank=2, alpha=4.0, targets=r"(q_proj|v_proj)/kernel$", trainable=r"^score/")
+    state, frozen = training.init_train_state(init_params(model, jax.random.key(0)), config,
+                                              flaxlora.lora_optimizer(1e-2), jax.random.key(1))
+    trainable = {**state.trainable, "lora": perturb_b(state.trainable["lora"])}
+    held = frozen_in_compute_dtype(frozen, jnp.bfloat16, config, lora_path)
+    copy = jax.tree.map(jnp.copy, frozen)
+    freed = frozen_in_compute_dtype(copy, jnp.bfloat16, config, lora_path, free=True)  # the originals deleted
+    assert copy["model"]["layers"]["1"]["mlp"]["up_proj"]["kernel"].is_deleted()
+    jax.tree.map(np.testing.assert_array_equal, freed, held)
+    dtypes = {p: x.dtype for p, x in pytree.flatten(held).items()}
+    assert dtypes["model/layers/0/mlp/up_proj/kernel"] == dtypes["model/embed_tokens/embedding"] == jnp.bfloat16
+    assert dtypes["model/layers/0/input_layernorm/scale"] == jnp.float32
+    assert dtypes["model/layers/0/self_attn/q_proj/kernel"] == (jnp.float32 if lora_path == "merged" else jnp.bfloat16)
+    ids = jax.random.randint(jax.random.key(2), (2, 7), 0, 64)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": jnp.array([0, 1])}
+    apply = training.logits_fn(model, config, lora_path)
+    loss = jax.jit(lambda f, t: jnp.sum(apply(f, t, batch) * jnp.array([1.0, -2.0])))
+    for expected, got in zip(jax.value_and_grad(loss, argnums=1)(frozen, trainable),
+                             jax.value_and_grad(loss, argnums=1)(held, trainable)):
+        jax.tree.map(np.testing.assert_array_equal, got, expected)

@@ -8,11 +8,13 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax.traverse_util import flatten_dict
 from safetensors import safe_open
 
 import flaxlora
+from flaxlora import pytree, training
 from flaxlora.interop.export import export
 from flaxlora.loading.convert import params_from_hf, to_hf
 from flaxlora.lora.factored import adapter_collections, adapters_by_module
@@ -96,6 +98,43 @@ def test_factored_lora_on_a_scanned_stack_equals_the_unrolled_model(kind, dora, 
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), unstack_layers(stacked_grads), grads)
     merged = scanned.apply({"params": flaxlora.apply_lora(stacked, stacked_lora, scan_config)}, ids, mask)
     np.testing.assert_allclose(jnp.sum(merged**2), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_a_scanned_stack_computes_in_bfloat16(kind):
+    """With bf16 compute the scanned stack's carry keeps one dtype (Llama's float32 residual stream,
+    BERT's bf16 LayerNorm output): forward and a train step give the unrolled model's results."""
+    unrolled, scanned, params, stacked = stacked_params(kind)
+    unrolled, scanned = (sequence_classifier(m.config, dtype=jnp.bfloat16) for m in (unrolled, scanned))
+    ids, mask = inputs()
+    expected = unrolled.apply({"params": params}, ids, mask)
+    logits = scanned.apply({"params": stacked}, ids, mask)
+    assert logits.dtype == jnp.float32  # a head returns float32
+    np.testing.assert_allclose(logits, expected, rtol=1e-2, atol=1e-2)
+    config = flaxlora.LoraConfig(rank=2, alpha=4.0, targets=ALL_LINEAR, trainable=r"^(classifier|score)/")
+    tx = optax.sgd(1.0)  # the update is the gradient
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": jnp.zeros_like(ids),
+             "labels": jnp.array([0, 1]), "weights": jnp.ones(2)}
+
+    def step(model, config, state, frozen):
+        return jax.jit(lambda s, f, b: training.train_step(s, f, b, apply=training.logits_fn(model, config),
+                                                           tx=tx))(state, frozen, batch)
+
+    state, frozen = training.init_train_state(params, config, tx, jax.random.key(1))
+    trainable = stack_layers(state.trainable, like=training.init_train_state(
+        stacked, config.replace(stack_axes=SCANNED_STACK_AXES), tx, jax.random.key(1))[0].trainable)
+    scanned_state = state.replace(trainable=trainable, opt_state=tx.init(trainable))
+    after, metrics = step(scanned, config.replace(stack_axes=SCANNED_STACK_AXES), scanned_state,
+                          stack_layers(frozen, like=stacked))
+    expected_after, expected = step(unrolled, config, state, frozen)
+    assert not metrics["skipped"] and np.isfinite(metrics["loss"]) and float(metrics["grad_norm"]) > 0
+    np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-2)
+    np.testing.assert_allclose(metrics["grad_norm"], expected["grad_norm"], rtol=5e-2)
+    steps = lambda new: pytree.flatten(jax.tree.map(jnp.subtract, new, state.trainable))  # noqa: E731
+    grads, expected_grads = steps(unstack_layers(after.trainable)), steps(expected_after.trainable)
+    scale = max(float(jnp.abs(g).max()) for g in expected_grads.values())
+    for path, g in expected_grads.items():
+        np.testing.assert_allclose(grads[path], g, atol=0.05 * scale, err_msg=path)
 
 
 def test_lora_dropout_draws_one_key_per_layer_of_a_scanned_stack():

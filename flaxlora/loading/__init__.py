@@ -15,8 +15,9 @@ from flaxlora.loading.pretrained import (
     is_gguf,
     load_config,
     load_pretrained,
+    load_tokenizer,
 )
 from flaxlora.loading.registry import known_models
 
 __all__ = ["GGUFFile", "HFFolder", "Pretrained", "base_provenance", "is_gguf", "known_models", "load_config", "load_pretrained",
-           "params_from_hf", "to_hf"]
+           "load_tokenizer", "params_from_hf", "to_hf"]

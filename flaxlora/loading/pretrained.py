@@ -96,6 +96,12 @@ def _for_classification(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokeniz
     return tokenizer
 
 
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """The tokenizer :func:`load_pretrained` gives (right-padding, with a pad token), without
+    reading any weight."""
+    return _for_classification(_open(name_or_path).tokenizer())
+
+
 def label_token_ids(tokenizer: PreTrainedTokenizerFast, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
     """The token ids of each label word, without special tokens."""
     ids = tuple(tuple(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words)

@@ -19,9 +19,8 @@ from flaxlora.models.layers import (
     SequenceClassifier,
     Stack,
     activation,
-    attention_output,
-    attention_weights,
-    fused_attention,
+    attention,
+    recompute_in_backward,
     split_heads,
 )
 
@@ -57,11 +56,9 @@ class BertSelfAttention(Block):
         cfg = self.config
         q, k, v = (split_heads(self.dense(cfg.hidden_size, ("embed", "heads"), name=n)(x), cfg.head_dim)
                    .astype(self.dtype) for n in ("query", "key", "value"))
-        if deterministic or cfg.attention_probs_dropout_prob == 0:
-            return fused_attention(q, k, v, mask, cfg.head_dim**-0.5)
-        probs = attention_weights(q / jnp.sqrt(cfg.head_dim).astype(q.dtype), k, mask)
-        probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic)
-        return attention_output(probs, v)
+        rate = cfg.attention_probs_dropout_prob
+        return attention(q, k, v, mask, scale=cfg.head_dim**-0.5, dropout_rate=rate,
+                         dropout_key=Dropout(rate).key(deterministic))
 
 
 class BertResidualOutput(Block):
@@ -90,8 +87,8 @@ class BertIntermediate(Block):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        return activation(cfg.hidden_act)(
-            self.dense(cfg.intermediate_size, ("embed", "mlp"), name="dense")(x))
+        return recompute_in_backward(activation(cfg.hidden_act),
+                                     self.dense(cfg.intermediate_size, ("embed", "mlp"), name="dense")(x))
 
 
 class BertLayer(Block):
@@ -162,7 +159,7 @@ class BertForSequenceClassification(SequenceClassifier):
         cfg = self.config
         self.bert = BertModel(cfg, self.dtype, self.param_dtype)
         self.dropout = Dropout(_classifier_dropout(cfg))
-        self.classifier = self.dense(cfg.num_labels, ("embed", "classes"))
+        self.classifier = self.dense(cfg.num_labels, ("embed", "classes"), logits=True)
 
     def __call__(
         self,
@@ -186,7 +183,7 @@ class RobertaClassificationHead(Block):
         x = dropout(hidden[:, 0], deterministic)
         x = jnp.tanh(self.dense(cfg.hidden_size, ("embed", "embed_out"), name="dense")(x))
         x = dropout(x, deterministic)
-        return self.dense(cfg.num_labels, ("embed_out", "classes"), name="out_proj")(x)
+        return self.dense(cfg.num_labels, ("embed_out", "classes"), name="out_proj", logits=True)(x)
 
 
 class RobertaForSequenceClassification(SequenceClassifier):

@@ -7,13 +7,18 @@ Every parameter is created with `nn.with_logical_partitioning`, so `model.init` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax.linen.dtypes import promote_dtype
+from jax.ad_checkpoint import checkpoint_name
 
+from flaxlora.dropout import dropout
 from flaxlora.models.scan import LORA_COLLECTIONS, SCANNED
 
 Array = jax.Array
@@ -28,14 +33,19 @@ ACTIVATIONS: Mapping[str, Callable[[Array], Array]] = {
 }
 
 
+# The name (jax.ad_checkpoint.checkpoint_name) of every dense layer's output, however it multiplies.
+DENSE_OUTPUT = "dense_output"
 # Activation checkpointing of each transformer layer: what its forward keeps for the backward pass.
-# "block" keeps the outputs of its matmuls with a weight (dots without batch dimensions) and
-# recomputes the rest (norms, activations, attention); "full" keeps only the layer's input and
-# recomputes the whole layer. Either way an FSDP all-gather of a weight is redone in the backward
-# pass instead of the gathered weight being kept alive from the forward.
+# "block" keeps the outputs of its matmuls with a weight (the dense layers', named DENSE_OUTPUT,
+# and the adapters' dots without batch dimensions) and recomputes the rest (norms, activations,
+# attention); "full" keeps only the layer's input and recomputes the whole layer. Either way an
+# FSDP all-gather of a weight is redone in the backward pass instead of the gathered weight being
+# kept alive from the forward.
 REMAT_POLICIES: Mapping[str, Callable | None] = {
     "none": None,
-    "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "block": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
@@ -60,29 +70,74 @@ def activation(name: str) -> Callable[[Array], Array]:
     return ACTIVATIONS[name]
 
 
+def computed_after(x: Array, anchor: Array) -> Array:
+    """``x`` plus ``anchor``'s first value times zero: the same values, computed only once
+    ``anchor`` exists, so XLA can neither schedule what follows earlier nor share it with the
+    same computation elsewhere (e.g. the forward pass's, from the backward pass)."""
+    return x + (anchor.reshape(-1)[0] * 0).astype(x.dtype)
+
+
+def cast_after(w: Array, dtype: Dtype, after: Array) -> Array:
+    """``w.astype(dtype)`` :func:`computed_after` ``after``; ``w`` itself when it has ``dtype``."""
+    return w if w.dtype == dtype else computed_after(w, after).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def recompute_in_backward(fn: Callable[..., Array], *args: Array) -> Array:
+    """``fn(*args)`` for an elementwise ``fn`` (an activation, a gated MLP's ``act(gate) * up``)
+    whose backward pass keeps only ``args`` and recomputes ``fn`` (cheap), instead of keeping its
+    intermediates too: exact GELU keeps two (batch, len, intermediate) arrays besides its input,
+    SiLU's ``sigmoid(gate)`` and ``act(gate)`` one each."""
+    return fn(*args)
+
+
+def _recompute_in_backward_fwd(fn, *args):
+    return fn(*args), args
+
+
+def _recompute_in_backward_bwd(fn, args, g):
+    _, vjp = jax.vjp(fn, computed_after(args[0], g), *args[1:])
+    return vjp(g)
+
+
+recompute_in_backward.defvjp(_recompute_in_backward_fwd, _recompute_in_backward_bwd)
+
+
 @jax.custom_vjp
 def f32_accumulated_dot(x: Array, w: Array) -> Array:
-    """``x (..., in) @ w (in, out)`` multiplied in their (low-precision) dtype and accumulated and
-    returned in float32; the backward pass multiplies in that dtype too, and forms the weight
-    gradient only when ``w`` is differentiated (never for a frozen weight)."""
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    """``x (..., in) @ w (in, out)`` multiplied in ``x``'s (low-precision) dtype, ``w`` cast to it,
+    accumulated and returned in float32.
+
+    The backward pass multiplies in that dtype too and forms the weight gradient only when ``w``
+    is differentiated (never for a frozen weight). A frozen ``w`` is kept for the backward pass as
+    it is (an argument of the step, alive anyway) and cast again there: no low-precision copy of
+    every frozen weight stays alive from the forward pass to the backward pass.
+    """
+    return jax.lax.dot_general(x, cast_after(w, x.dtype, x), (((x.ndim - 1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
 
 
 def _f32_accumulated_dot_fwd(x, w):
     y = f32_accumulated_dot(x.value, w.value)
-    return y, (x.value if w.perturbed else None, w.value if x.perturbed else None)
+    dtype = x.value.dtype
+    # A differentiated w (a merged or fully trained kernel) is a value of this step: keep its cast.
+    kept_w = (w.value.astype(dtype) if w.perturbed else w.value) if x.perturbed else None
+    dtypes = (jnp.zeros((0,), dtype), jnp.zeros((0,), w.value.dtype))  # what the cotangents are cast to
+    return y, (x.value if w.perturbed else None, kept_w, dtypes)
 
 
 def _f32_accumulated_dot_bwd(residuals, g):
-    x, w = residuals
+    x, w, (like_x, like_w) = residuals
+    dtype = like_x.dtype
+    g = g.astype(dtype)
     dx = dw = None
     if w is not None:
-        dx = jax.lax.dot_general(g.astype(w.dtype), w, (((g.ndim - 1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32).astype(w.dtype)
+        dx = jax.lax.dot_general(g, cast_after(w, dtype, g), (((g.ndim - 1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32).astype(dtype)
     if x is not None:
         rows = x.reshape(-1, x.shape[-1])
-        dw = jax.lax.dot_general(rows, g.reshape(-1, g.shape[-1]).astype(x.dtype), (((0,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32).astype(x.dtype)
+        dw = jax.lax.dot_general(rows, g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32).astype(like_w.dtype)
     return dx, dw
 
 
@@ -90,8 +145,27 @@ f32_accumulated_dot.defvjp(_f32_accumulated_dot_fwd, _f32_accumulated_dot_bwd, s
 
 
 def _dense_dot_general(x, w, dimension_numbers, precision=None):
-    """``nn.Dense``'s ``dot_general`` in a low-precision dtype: :func:`f32_accumulated_dot`."""
+    """``nn.Dense``'s ``dot_general`` in a low-precision dtype: :func:`f32_accumulated_dot`,
+    returned in that dtype (as PyTorch's autocast does: what the next layer reads and the backward
+    pass keeps is half the size), named :data:`DENSE_OUTPUT`."""
+    return checkpoint_name(f32_accumulated_dot(x, w).astype(x.dtype), DENSE_OUTPUT)
+
+
+def _float32_dot_general(x, w, dimension_numbers, precision=None):
+    """``nn.Dense``'s ``dot_general`` in float32, named :data:`DENSE_OUTPUT`."""
+    return checkpoint_name(jax.lax.dot_general(x, w, dimension_numbers, precision=precision), DENSE_OUTPUT)
+
+
+def _logits_dot_general(x, w, dimension_numbers, precision=None):
+    """A classification or LM head's ``dot_general``: :func:`f32_accumulated_dot`, in float32."""
     return f32_accumulated_dot(x, w)
+
+
+def _promote_all_but_kernel(inputs, kernel, bias, *, dtype=None):
+    """``nn.Dense``'s ``promote_dtype`` leaving the kernel as stored: :func:`f32_accumulated_dot`
+    casts it (so that the backward pass can keep the stored weight instead of a cast copy)."""
+    inputs, bias = promote_dtype(inputs, bias, dtype=dtype)
+    return inputs, kernel, bias
 
 
 class Block(nn.Module):
@@ -99,8 +173,9 @@ class Block(nn.Module):
 
     The factory methods create the standard Flax layers (so interceptors on e.g. `nn.Dense`
     see every projection) with Hugging Face initialisers and logical axis names. With a `dtype`
-    narrower than float32 (bfloat16), dense layers multiply in it and accumulate and return
-    float32 (:func:`f32_accumulated_dot`): the matmuls run at bf16 speed, everything else in fp32.
+    narrower than float32 (bfloat16), dense layers multiply in it, accumulate in float32 and
+    return `dtype` (:func:`f32_accumulated_dot`; heads return float32), as PyTorch's autocast does;
+    norms and softmax compute in float32, and Llama's residual stream is float32.
     """
 
     config: Any
@@ -118,8 +193,10 @@ class Block(nn.Module):
         use_bias: bool = True,
         stddev: float | None = None,
         name: str | None = None,
+        logits: bool = False,
     ) -> nn.Dense:
-        """`nn.Dense` with kernel (in, out) named `axes`, N(0, stddev or initializer_range) init."""
+        """`nn.Dense` with kernel (in, out) named `axes`, N(0, stddev or initializer_range) init;
+        `logits`: a head, whose output is float32 whatever the compute dtype."""
         stddev = self.config.initializer_range if stddev is None else stddev
         return nn.Dense(
             features,
@@ -128,9 +205,15 @@ class Block(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=self._init(nn.initializers.normal(stddev), axes),
             bias_init=self._init(nn.initializers.zeros_init(), axes[1:]),
-            dot_general=_dense_dot_general if jnp.finfo(self.dtype).bits < 32 else None,
+            **(self._low_precision(logits) if jnp.finfo(self.dtype).bits < 32 else {"dot_general": _float32_dot_general}),
             **({"name": name} if name else {}),
         )
+
+    @staticmethod
+    def _low_precision(logits: bool) -> dict[str, Any]:
+        """``nn.Dense`` options of a layer computing in a dtype narrower than float32."""
+        return {"dot_general": _logits_dot_general if logits else _dense_dot_general,
+                "promote_dtype": _promote_all_but_kernel}
 
     def embed(
         self,
@@ -202,14 +285,15 @@ class Stack(Block):
         return x
 
 
-def attention_weights(q: Array, k: Array, mask: Array, bias: Array | None = None) -> Array:
+def attention_weights(q: Array, k: Array, mask: Array, bias: Array | None = None, scale: float = 1.0) -> Array:
     """Softmax attention probabilities, with grouped-query support.
 
     Args:
-      q: (batch, q_len, heads, head_dim) queries, already scaled.
+      q: (batch, q_len, heads, head_dim) queries.
       k: (batch, kv_len, kv_heads, head_dim) keys; heads must be a multiple of kv_heads.
       mask: (batch, q_len or 1, kv_len) bool, True where attending is allowed.
       bias: (batch or 1, heads, q_len, kv_len) added to the scores (T5's position bias), or None.
+      scale: the scores (float32) are multiplied by it first.
 
     Returns:
       (batch, kv_heads, heads // kv_heads, q_len, kv_len) probabilities in q's dtype. A row
@@ -219,22 +303,12 @@ def attention_weights(q: Array, k: Array, mask: Array, bias: Array | None = None
     kv_heads = k.shape[2]
     q = q.reshape(b, s, kv_heads, h // kv_heads, d)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+        scores *= scale
     if bias is not None:
         scores += bias.reshape(bias.shape[0], kv_heads, h // kv_heads, *bias.shape[2:]).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-
-
-def fused_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
-    """``attention_output(attention_weights(q * scale, k, mask), v)`` in one
-    ``jax.nn.dot_product_attention`` call (cuDNN flash attention on GPUs where it applies, XLA
-    elsewhere), for attention without dropout on its probabilities.
-
-    q (batch, q_len, heads, head_dim), k and v (batch, kv_len, kv_heads, head_dim), mask (batch,
-    q_len or 1, kv_len) bool -> (batch, q_len, heads * head_dim).
-    """
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
-    return out.reshape(*out.shape[:2], -1)
 
 
 def attention_output(probs: Array, v: Array) -> Array:
@@ -242,6 +316,52 @@ def attention_output(probs: Array, v: Array) -> Array:
     kv_heads, head_dim) -> (batch, q_len, kv_heads * groups * head_dim), heads in HF order."""
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(*out.shape[:2], -1)
+
+
+def _attention_core(q, k, v, mask, bias, key, scale, rate):
+    probs = attention_weights(q, k, mask, bias, scale)
+    if key is not None:
+        probs = dropout(probs, rate, key)
+    return attention_output(probs, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _recomputed_attention(q, k, v, mask, bias, key, scale, rate):
+    return _attention_core(q, k, v, mask, bias, key, scale, rate)
+
+
+def _recomputed_attention_fwd(q, k, v, mask, bias, key, scale, rate):
+    return _attention_core(q, k, v, mask, bias, key, scale, rate), (q, k, v, mask, bias, key)
+
+
+def _recomputed_attention_bwd(scale, rate, residuals, g):
+    q, k, v, mask, bias, key = residuals
+    q = computed_after(q, g)  # recomputed once g exists: never hoisted into, or kept from, the forward pass
+    _, vjp = jax.vjp(lambda q, k, v, bias: _attention_core(q, k, v, mask, bias, key, scale, rate), q, k, v, bias)
+    dq, dk, dv, dbias = vjp(g)
+    no_gradient = lambda x: None if x is None else np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
+    return dq, dk, dv, no_gradient(mask), dbias, no_gradient(key)
+
+
+_recomputed_attention.defvjp(_recomputed_attention_fwd, _recomputed_attention_bwd)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float = 1.0, bias: Array | None = None,
+              dropout_rate: float = 0.0, dropout_key: Array | None = None) -> Array:
+    """``attention_output(dropout(attention_weights(q, k, mask, bias, scale)), v)``:
+    q (batch, q_len, heads, head_dim), k and v (batch, kv_len, kv_heads, head_dim), mask (batch,
+    q_len or 1, kv_len) bool -> (batch, q_len, heads * head_dim); dropout on the probabilities
+    when ``dropout_key`` is given.
+
+    The backward pass recomputes the probabilities (and the dropout mask, from its key) from q
+    and k instead of keeping them from the forward pass: batch x heads x q_len x kv_len values
+    per layer, in float32 and again in the compute dtype, the largest activations of a transformer
+    at long lengths (Korthikanti et al. 2022's selective recomputation; PyTorch's fused attention
+    keeps none either). The price is the score matmul and softmax once more, a few percent of a
+    layer's FLOPs. (A custom VJP rather than ``jax.checkpoint``: XLA would schedule every layer's
+    recomputation as early as it could, all at once.)
+    """
+    return _recomputed_attention(q, k, v, mask, bias, dropout_key, float(scale), float(dropout_rate))
 
 
 def split_heads(x: Array, head_dim: int) -> Array:

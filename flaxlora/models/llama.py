@@ -21,9 +21,8 @@ from flaxlora.models.layers import (
     SequenceClassifier,
     Stack,
     activation,
-    attention_output,
-    attention_weights,
-    fused_attention,
+    attention,
+    recompute_in_backward,
     split_heads,
 )
 
@@ -69,13 +68,8 @@ class LlamaAttention(Block):
         k = self.dense(cfg.num_key_value_heads * d, ("embed", "kv"), use_bias=bias, name="k_proj")(x)
         v = self.dense(cfg.num_key_value_heads * d, ("embed", "kv"), use_bias=bias, name="v_proj")(x)
         q, k = (apply_rope(split_heads(t, d), *rope).astype(self.dtype) for t in (q, k))
-        v = v.astype(self.dtype)
-        if deterministic or cfg.attention_dropout == 0:
-            out = fused_attention(q, k, split_heads(v, d), mask, d**-0.5)
-        else:
-            probs = attention_weights(q * jnp.asarray(d**-0.5, q.dtype), k, mask)
-            probs = Dropout(cfg.attention_dropout)(probs, deterministic)
-            out = attention_output(probs, split_heads(v, d))
+        out = attention(q, k, split_heads(v.astype(self.dtype), d), mask, scale=d**-0.5,
+                        dropout_rate=cfg.attention_dropout, dropout_key=Dropout(cfg.attention_dropout).key(deterministic))
         return self.dense(cfg.hidden_size, ("heads", "embed"), use_bias=bias, name="o_proj")(out)
 
 
@@ -87,7 +81,8 @@ class LlamaMLP(Block):
         gate = self.dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=cfg.mlp_bias, name="gate_proj")
         up = self.dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=cfg.mlp_bias, name="up_proj")
         down = self.dense(cfg.hidden_size, ("mlp", "embed"), use_bias=cfg.mlp_bias, name="down_proj")
-        return down(activation(cfg.hidden_act)(gate(x)) * up(x))
+        act = activation(cfg.hidden_act)
+        return down(recompute_in_backward(lambda g, u: act(g) * u, gate(x), up(x)))
 
 
 class LlamaDecoderLayer(Block):
@@ -130,7 +125,9 @@ class LlamaModel(Block):
         causal = jnp.tril(jnp.ones((input_ids.shape[1],) * 2, bool))
         mask = causal[None] & keep[:, None, :]
         rope = rope_angles(positions, rope_frequencies(self.config))
-        x = self.layers(self.embed_tokens(input_ids), mask, rope, deterministic)
+        # The residual stream is float32 whatever the compute dtype (as under PyTorch's autocast),
+        # from the first layer on: in and out of every layer alike (what a scanned stack carries).
+        x = self.layers(self.embed_tokens(input_ids).astype(jnp.float32), mask, rope, deterministic)
         return self.norm(x)
 
 
@@ -147,7 +144,7 @@ class LlamaForSequenceClassification(SequenceClassifier):
 
     def setup(self):
         self.model = LlamaModel(self.config, self.dtype, self.param_dtype)
-        self.score = self.dense(self.config.num_labels, ("embed", "classes"), use_bias=False)
+        self.score = self.dense(self.config.num_labels, ("embed", "classes"), use_bias=False, logits=True)
 
     def __call__(
         self,

@@ -30,8 +30,8 @@ from flaxlora.models.layers import (
     Block,
     SequenceClassifier,
     activation,
-    attention_output,
-    attention_weights,
+    attention,
+    recompute_in_backward,
     remat_layer,
     split_heads,
 )
@@ -93,9 +93,8 @@ class T5Attention(Block):
                 x.shape[1], kv.shape[1], bidirectional=not self.causal,
                 num_buckets=cfg.relative_attention_num_buckets, max_distance=cfg.relative_attention_max_distance)
             position_bias = jnp.transpose(table(buckets), (2, 0, 1))[None]
-        probs = attention_weights(split_heads(q, cfg.d_kv), split_heads(k, cfg.d_kv), mask, position_bias)
-        probs = Dropout(cfg.dropout_rate)(probs, deterministic)
-        out = attention_output(probs, split_heads(v, cfg.d_kv))
+        out = attention(*(split_heads(t, cfg.d_kv) for t in (q, k, v)), mask, bias=position_bias,
+                        dropout_rate=cfg.dropout_rate, dropout_key=Dropout(cfg.dropout_rate).key(deterministic))
         o = self.dense(d, ("heads", "embed"), use_bias=False, stddev=f * inner**-0.5, name="o")
         return o(out), position_bias
 
@@ -137,7 +136,10 @@ class T5DenseReluDense(Block):
         def wi(name: str) -> Array:
             return self.dense(cfg.d_ff, ("embed", "mlp"), use_bias=False, stddev=f * cfg.d_model**-0.5, name=name)(x)
 
-        h = act(wi("wi_0")) * wi("wi_1") if cfg.is_gated_act else act(wi("wi"))
+        if cfg.is_gated_act:
+            h = recompute_in_backward(lambda g, u: act(g) * u, wi("wi_0"), wi("wi_1"))
+        else:
+            h = recompute_in_backward(act, wi("wi"))
         h = Dropout(cfg.dropout_rate)(h, deterministic)
         return self.dense(cfg.d_model, ("mlp", "embed"), use_bias=False, stddev=f * cfg.d_ff**-0.5, name="wo")(h)
 
@@ -214,8 +216,9 @@ class T5Stack(Block):
         """
         cfg = self.config
         dropout = Dropout(cfg.dropout_rate)
+        # The residual stream is float32 whatever the compute dtype (as under PyTorch's autocast).
         x = T5Blocks(cfg, self.dtype, self.param_dtype, is_decoder=self.is_decoder, name="block")(
-            dropout(x, deterministic), mask, encoded, encoded_mask, deterministic)
+            dropout(x.astype(jnp.float32), deterministic), mask, encoded, encoded_mask, deterministic)
         return dropout(self.rms_norm(cfg.layer_norm_epsilon, name="final_layer_norm")(x), deterministic)
 
 
@@ -275,7 +278,7 @@ class T5ClassificationHead(Block):
         dropout = Dropout(cfg.classifier_dropout)
         x = self.dense(cfg.d_model, ("embed", "embed_out"), stddev=stddev, name="dense")(dropout(x, deterministic))
         x = dropout(jnp.tanh(x), deterministic)
-        return self.dense(cfg.num_labels, ("embed_out", "classes"), stddev=stddev, name="out_proj")(x)
+        return self.dense(cfg.num_labels, ("embed_out", "classes"), stddev=stddev, name="out_proj", logits=True)(x)
 
 
 class T5ForSequenceClassification(SequenceClassifier):
@@ -327,7 +330,7 @@ class T5ForTextToText(SequenceClassifier):
         self.transformer = T5Model(cfg, self.dtype, self.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = self.dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
-                                      stddev=cfg.initializer_factor)
+                                      stddev=cfg.initializer_factor, logits=True)
 
     def lm_logits(self, decoder_states: Array) -> Array:
         """(..., d_model) decoder states -> (..., vocab) next-token logits."""

@@ -38,6 +38,7 @@ from flaxlora.data.tokenize import encode_pairs, pair_format_for
 from flaxlora.loading import Pretrained, base_provenance, is_gguf, load_config, load_pretrained
 from flaxlora.loading.provenance import check_same_base
 from flaxlora.lora.config import LoraConfig
+from flaxlora.lora.factored import frozen_in_compute_dtype
 from flaxlora.lora.optim import lora_optimizer
 from flaxlora.lora.rank_allocation import allocate
 from flaxlora.lora.summary import summarize
@@ -306,6 +307,7 @@ def _finetune(run: RunConfig, out: epath.Path, resume: bool, progress: bool, sta
     states, frozen = training.init_member_states(pretrained.params, lora, tx, seeds, mesh,
                                                  extras=member_extras(pretrained, lora, seeds))
     pretrained = dataclasses.replace(pretrained, params=None)  # the frozen tree shares its arrays
+    frozen = frozen_in_compute_dtype(frozen, DTYPES[run.dtype], lora, run.lora_path, free=True)  # bf16 compute: cast once
     apply = training.logits_fn(pretrained.model, lora, run.lora_path)
     options = training.StepOptions(accum_steps=run.accum_steps, label_smoothing=run.label_smoothing, rdrop=run.rdrop,
                                    max_skipped_steps=run.max_skipped_steps, learning_rate=schedule)

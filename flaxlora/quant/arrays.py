@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from flaxlora.models.layers import computed_after
+
 # QLoRA's NormalFloat4: 8 positive and 7 negative quantiles of N(0, 1) (the two halves drawn
 # separately so that 0 is exact), scaled to [-1, 1]; the values of bitsandbytes' NF4 table.
 NF4_CODEBOOK = np.array([
@@ -247,11 +249,6 @@ def _gguf_rows(q: QuantizedArray) -> jax.Array:
 # ------------------------------------------------------------------------------------- decoding
 
 
-def _after(x: jax.Array, zero: jax.Array) -> jax.Array:
-    """``x`` plus ``zero`` (exactly x, but computed only once ``zero`` exists)."""
-    return x + zero.astype(x.dtype)
-
-
 def dequantize_weight(q: QuantizedArray, after: jax.Array | None = None) -> jax.Array:
     """The float32 (in, out) kernel ``q`` stands for. Jit-able.
 
@@ -260,8 +257,8 @@ def dequantize_weight(q: QuantizedArray, after: jax.Array | None = None) -> jax.
       decoding earlier nor share it with a decoding that follows another array (the forward and
       backward passes of a layer).
     """
-    zero = jnp.zeros((), jnp.float32) if after is None else after.reshape(-1)[0].astype(jnp.float32) * 0.0
-    q = q.replace(data={k: _after(v, zero) for k, v in q.data.items()})
+    if after is not None:
+        q = q.replace(data={k: computed_after(v, after) for k, v in q.data.items()})
     if q.scheme in GGUF_SCHEMES:
         return _gguf_rows(q).T
     if q.scheme == "int8":

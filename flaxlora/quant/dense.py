@@ -18,7 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
+from flaxlora.models.layers import DENSE_OUTPUT
 from flaxlora.quant.arrays import QuantizedArray, dequantize_weight, is_quantized
 
 
@@ -67,7 +69,8 @@ def quantized_dense() -> Iterator[None]:
         if not is_quantized(kernel):
             return next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
-        y = quantized_matmul(x, kernel, jnp.dtype(module.dtype or jnp.float32))
+        dtype = jnp.dtype(module.dtype or jnp.float32)
+        y = checkpoint_name(quantized_matmul(x, kernel, dtype).astype(dtype), DENSE_OUTPUT)  # as a float Dense returns
         if module.use_bias:
             y = y + module.get_variable("params", "bias").astype(y.dtype)
         return y

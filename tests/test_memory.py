@@ -1,0 +1,96 @@
+"""XLA's account of a compiled step's memory (flaxlora.memory), and the memory model against it."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from flaxlora.loading import load_config
+from flaxlora.memory import estimate_memory, largest_batch, memory_account
+from flaxlora.models import LlamaConfig, T5Config
+from flaxlora.qqp.config import PRESETS
+from flaxlora.models.layers import f32_accumulated_dot
+
+
+def _chain_gradient(dot):
+    """The input gradient of four tanh layers on frozen float32 weights, multiplied in bf16."""
+    def loss(x, weights):
+        h = x
+        for w in weights:
+            h = jnp.tanh(dot(h, w))
+        return jnp.sum(h.astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss))
+
+
+def test_the_account_finds_the_bf16_copies_of_frozen_weights_a_plain_cast_keeps():
+    x = jax.ShapeDtypeStruct((64, 256), jnp.bfloat16)
+    weights = [jax.ShapeDtypeStruct((256, 256), jnp.float32)] * 4
+    plain = lambda h, w: h @ w.astype(jnp.bfloat16)  # noqa: E731  (the cast is kept for the backward pass)
+    ours = lambda h, w: f32_accumulated_dot(h, w).astype(h.dtype)  # noqa: E731
+    _, cast = memory_account(_chain_gradient(plain).lower(x, weights), ("batch", "frozen"))
+    _, kept = memory_account(_chain_gradient(ours).lower(x, weights), ("batch", "frozen"))
+    for account in (cast, kept):
+        assert account.by_category["frozen"] == 4 * 256 * 256 * 4 and account.by_category["batch"] == 64 * 256 * 2
+        assert account.by_category["activations"] > 0
+        assert account.peak <= account.argument + account.output + account.temp
+    assert cast.by_category["copies"] >= 3 * 256 * 256 * 2 and set(cast.copies_of) == {"frozen"}
+    assert kept.by_category["copies"] == 0
+
+
+SMALL_LLAMA = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize(("model", "batch", "seq_len", "dtype", "remat"), [
+    ("llama", 4, 128, "bfloat16", "none"), ("llama", 4, 128, "float32", "none"), ("llama", 2, 512, "bfloat16", "none"),
+    ("llama", 4, 128, "bfloat16", "block"), ("llama", 4, 128, "bfloat16", "full"), ("minilm-l6", 32, 128, "float32", "none"),
+])
+def test_the_memory_model_is_within_15_percent_of_xlas_account(model, batch, seq_len, dtype, remat):
+    """The model's peak against the live bytes at the peak of XLA's heap simulation of the compiled
+    step (on CPU: its bf16 matmul inputs kept in float32, backend="cpu"); the weights exactly."""
+    import bench_memory  # experiments/
+
+    config = load_config(model) if model != "llama" else LlamaConfig(**SMALL_LLAMA)
+    config = dataclasses.replace(config, remat=remat)
+    lowered, _ = bench_memory.abstract_train_step(config, preset="lora", dtype=dtype, param_dtype="float32",
+                                                  batch=batch, seq_len=seq_len)
+    _, account = memory_account(lowered, ("state", "frozen", "batch"))
+    estimate = estimate_memory(config, batch=batch, seq_len=seq_len, lora=PRESETS["lora"].lora, compute_dtype=dtype,
+                               remat=remat, backend="cpu")
+    assert estimate.weights == account.by_category["frozen"]
+    assert abs(estimate.peak / account.peak - 1) <= 0.15, (estimate, account.peak)
+
+
+def test_the_largest_batch_is_the_last_that_fits():
+    config, lora = LlamaConfig(**SMALL_LLAMA), PRESETS["lora"].lora
+    budget = 200 * 2**20
+    options = dict(seq_len=256, lora=lora, compute_dtype="bfloat16")
+    largest = largest_batch(config, budget, usable=1.0, **options)
+    assert largest > 1
+    assert estimate_memory(config, batch=largest, **options).required <= budget
+    assert estimate_memory(config, batch=largest + 1, **options).required > budget
+    assert largest_batch(config, budget, usable=1.0, remat="full", **options) > largest  # less kept per example
+    assert largest_batch(config, 10 * 2**20, **options) == 0  # not even the weights fit
+    sharded = largest_batch(config, budget, usable=1.0, devices=8, **options)
+    assert sharded % 8 == 0 and sharded > largest
+
+
+def test_fsdp_shards_the_frozen_matrices_and_the_batch():
+    config, lora = LlamaConfig(**SMALL_LLAMA), PRESETS["lora"].lora
+    one = estimate_memory(config, batch=8, seq_len=128, lora=lora)
+    eight = estimate_memory(config, batch=8, seq_len=128, lora=lora, devices=8, remat="full")
+    assert eight.weights < one.weights / 7 and eight.activations < one.activations / 8
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        estimate_memory(config, batch=4, seq_len=128, lora=lora, devices=8)
+    with pytest.raises(ValueError, match="Llama and BERT"):
+        estimate_memory(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4), batch=1,
+                        seq_len=8, lora=lora)
+
+
+def test_a_live_range_dump_without_its_peak_section_is_refused_by_name():
+    from flaxlora.memory.account import peak_buffers
+
+    with pytest.raises(ValueError, match="Live ranges at N"):
+        peak_buffers("HloLiveRange (max 3):\n  InstructionSequence:\n    0:p\n")
