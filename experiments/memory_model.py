@@ -7,7 +7,7 @@ For each model, storage (fp32, bf16, NF4) and remat (none, full; the slice's run
 with bf16 compute and the lora preset (q, v rank 8, the head trained): the peak per device for a
 global batch of 8 and the largest global batch that fits in 90% of the device's memory, at
 --seq-len tokens. The models are the Llama 3.x shapes of Meta's config.json files (sequence
-classification: no LM head). Written as table.md and table.json.
+classification: no LM head). Written as table.md and table.json, and readme.md: the bf16 rows README shows.
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def table(seq_len: int, batch: int, usable: float) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], seq_len: int, batch: int, usable: float, command: str) -> str:
+def markdown(rows: list[dict], seq_len: int, batch: int, usable: float, command: str,
+             storages: tuple[str, ...] = tuple(STORAGE)) -> str:
+    """The table of ``rows`` (those of ``storages``) with what it shows and the command that made it."""
     lines = [f"# What fits where: LoRA (q, v, rank 8; the head trained) on Llama, bf16 compute, {seq_len} tokens",
              "",
              f"Predicted by `flaxlora.estimate_memory` (no run): each cell is the largest global batch of {seq_len}-token "
@@ -84,7 +86,7 @@ def markdown(rows: list[dict], seq_len: int, batch: int, usable: float, command:
              "",
              "| model | storage | remat | " + " | ".join(SETUPS) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in SETUPS) + " |"]
-    for row in rows:
+    for row in (r for r in rows if r["storage"] in storages):
         cells = []
         for setup in SETUPS:
             cell = row["setups"].get(setup)
@@ -154,6 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (args.out / "table.json").write_text(json.dumps({"seq_len": args.seq_len, "batch": args.batch, "usable": args.usable,
                                                      "rows": rows}, indent=1))
     (args.out / "table.md").write_text(markdown(rows, args.seq_len, args.batch, args.usable, command))
+    (args.out / "readme.md").write_text(markdown(rows, args.seq_len, args.batch, args.usable, command, ("bf16",)))
     print((args.out / "table.md").read_text())
     return rows
 

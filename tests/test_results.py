@@ -20,7 +20,8 @@ README = ROOT / "README.md"
 EVIDENCE = ROOT / "experiments" / "README.md"
 
 ABLATIONS = sorted(RESULTS.glob("ablation-*/table.json"))
-RUN_TABLES = sorted(p for p in RESULTS.glob("*/table.json") if p not in ABLATIONS)  # default_runs.py's
+RUN_TABLES = sorted(p for p in RESULTS.glob("*/table.json")  # default_runs.py's
+                    if p not in ABLATIONS and "runs" in json.loads(p.read_text()))
 PRESET_RUNS = RESULTS / "presets"  # links to the runs README's default-run table shows
 BENCH_PEER = sorted(p for p in RESULTS.glob("**/*.json") if "peer" in json.loads(p.read_text()))
 MEMORY = sorted(RESULTS.glob("memory-*.json"))
@@ -126,3 +127,18 @@ def assert_committed_and_shown(folder, markdown, *documents):
     texts = [d.read_text() for d in documents]
     for line in markdown.splitlines()[2:]:
         assert any(line in t for t in texts), f"{'/'.join(d.name for d in documents)} lacks the {folder.name} row {line[:60]!r}"
+
+
+def test_the_memory_model_table_is_what_the_model_predicts_and_readme_shows_it():
+    import memory_model
+
+    folder = RESULTS / "memory-model"
+    saved = json.loads((folder / "table.json").read_text())
+    rows = memory_model.table(saved["seq_len"], saved["batch"], saved["usable"])
+    assert json.loads(json.dumps(rows)) == saved["rows"]
+    command = "python experiments/memory_model.py --out experiments/results/memory-model"
+    made = {name: memory_model.markdown(rows, saved["seq_len"], saved["batch"], saved["usable"], command, storages)
+            for name, storages in (("table.md", tuple(memory_model.STORAGE)), ("readme.md", ("bf16",)))}
+    for name, markdown in made.items():
+        assert (folder / name).read_text() == markdown, name
+    assert made["readme.md"] in README.read_text() and made["table.md"] in EVIDENCE.read_text()

@@ -254,9 +254,10 @@ def allocate_ranks(run: RunConfig, pretrained, train_data, buckets) -> RunConfig
     return run.replace(lora=allocate(run.lora, pretrained.params, loss_fn, sample, budget=run.rank_budget))
 
 
-# The transfer guard of the steady training loop ("allow"): tests run it under "disallow_explicit",
-# so that any read of a device value outside its sync points (logs, evaluations, saves) fails.
-STEADY_LOOP_TRANSFERS = "allow"
+# The transfer guard of the steady training loop: "allow"; FLAXLORA_STEADY_LOOP_GUARD=disallow_explicit
+# makes any read of a device value outside its sync points (logs, evaluations, saves) fail, as the
+# accelerator check (experiments/accelerator_check.py) and the tests run it.
+STEADY_LOOP_TRANSFERS = os.environ.get("FLAXLORA_STEADY_LOOP_GUARD", "allow")
 # Batches assembled and placed on the devices ahead of the step that takes them.
 PREFETCH_DEPTH = 2
 
