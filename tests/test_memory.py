@@ -39,6 +39,25 @@ def test_the_account_finds_the_bf16_copies_of_frozen_weights_a_plain_cast_keeps(
     assert kept.by_category["copies"] == 0
 
 
+def test_the_account_is_xlas_own_with_the_persistent_cache_warm(tmp_path):
+    """A program read back from the persistent cache comes without XLA's dumps: the account
+    compiles past the cache, and the cache is on again after."""
+    from flaxlora.training.compile import CompileCounter, use_compilation_cache
+
+    lower = lambda: _chain_gradient(jnp.dot).lower(jax.ShapeDtypeStruct((8, 32), jnp.float32),  # noqa: E731
+                                                   [jax.ShapeDtypeStruct((32, 32), jnp.float32)] * 2)
+    use_compilation_cache(tmp_path)
+    try:
+        lower().compile()  # now in the cache
+        _, account = memory_account(lower(), ("batch", "frozen"))
+        assert account.by_category["frozen"] == 2 * 32 * 32 * 4 and not account.note
+        with CompileCounter() as counter:
+            lower().compile()
+        assert (counter.programs, counter.from_cache) == (1, 1)
+    finally:
+        use_compilation_cache(None)
+
+
 SMALL_LLAMA = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=True)
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import jax
 
+from flaxlora.training.compile import compilation_cache_off
+
 CATEGORIES = ("copies", "activations", "backward", "other")
 _LINE = re.compile(r"^\s*(ROOT )?%(\S+) = (.*)$")
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
@@ -308,7 +310,7 @@ def memory_account(lowered: jax.stages.Lowered, argument_names: Sequence[str], d
     Where XLA writes no live ranges (or in a form not understood), the account holds
     ``memory_analysis()`` alone, its peak everything that allocates, and says so in ``note``.
     """
-    with tempfile.TemporaryDirectory(prefix="flaxlora-memory-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="flaxlora-memory-") as tmp, compilation_cache_off():
         compiled = lowered.compile(compiler_options={"xla_dump_to": tmp})
         analysis = compiled.memory_analysis()
         live = sorted(Path(tmp).glob("*-live-range.txt"), key=lambda p: p.stat().st_size)

@@ -14,6 +14,7 @@ run's start-up.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import threading
 from collections.abc import Hashable, Mapping
@@ -45,6 +46,20 @@ def use_compilation_cache(path: str | os.PathLike | None) -> None:
     jax.config.update("jax_compilation_cache_dir", None if path is None else os.fspath(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     compilation_cache.reset_cache()  # the cache binds its folder once: let the next compile reopen it
+
+
+@contextlib.contextmanager
+def compilation_cache_off():
+    """Programs compiled inside are compiled by XLA, never read from the persistent cache (a cached
+    executable comes without XLA's dumps: what :func:`flaxlora.memory.memory_account` reads);
+    the cache in use before is back on after."""
+    path = jax.config.jax_compilation_cache_dir
+    use_compilation_cache(None)
+    try:
+        yield
+    finally:
+        if path is not None:
+            use_compilation_cache(path)
 
 
 class CompileCounter:
