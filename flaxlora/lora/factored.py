@@ -23,12 +23,13 @@ from flaxlora.lora import variants
 from flaxlora.lora.adapters import adapters_by_path, path_key
 from flaxlora.lora.config import LoraConfig, first_match
 from flaxlora.lora.targets import resolve_targets
-from flaxlora.models.scan import LORA_COLLECTIONS
 from flaxlora.pytree import PyTree
 from flaxlora.quant.arrays import is_quantized
 from flaxlora.quant.dense import quantized_dense
 
-ADAPTERS, DROPOUT_KEYS = LORA_COLLECTIONS
+# The variable collections that carry the adapters and their dropout keys to their layers; a model
+# that runs layers under nn.scan lists them in its variable_axes (flaxlora.models.layers.Stack).
+LORA_COLLECTIONS = ADAPTERS, DROPOUT_KEYS = ("lora", "lora_rng")
 
 
 def adapters_by_module(lora_params: PyTree) -> dict[str, tuple[str, Any]]:

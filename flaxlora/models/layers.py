@@ -19,7 +19,9 @@ from flax.linen.dtypes import promote_dtype
 from jax.ad_checkpoint import checkpoint_name
 
 from flaxlora.dropout import dropout
-from flaxlora.models.scan import LORA_COLLECTIONS, SCANNED
+from flaxlora.dataflow import DENSE_OUTPUT, computed_after
+from flaxlora.lora.factored import LORA_COLLECTIONS
+from flaxlora.models.scan import SCANNED
 
 Array = jax.Array
 Dtype = Any
@@ -34,7 +36,6 @@ ACTIVATIONS: Mapping[str, Callable[[Array], Array]] = {
 
 
 # The name (jax.ad_checkpoint.checkpoint_name) of every dense layer's output, however it multiplies.
-DENSE_OUTPUT = "dense_output"
 # Activation checkpointing of each transformer layer: what its forward keeps for the backward pass.
 # "block" keeps the outputs of its matmuls with a weight (the dense layers', named DENSE_OUTPUT,
 # and the adapters' dots without batch dimensions) and recomputes the rest (norms, activations,
@@ -68,13 +69,6 @@ def activation(name: str) -> Callable[[Array], Array]:
     if name not in ACTIVATIONS:
         raise ValueError(f"Unsupported hidden_act {name!r}; supported: {sorted(ACTIVATIONS)}.")
     return ACTIVATIONS[name]
-
-
-def computed_after(x: Array, anchor: Array) -> Array:
-    """``x`` plus ``anchor``'s first value times zero: the same values, computed only once
-    ``anchor`` exists, so XLA can neither schedule what follows earlier nor share it with the
-    same computation elsewhere (e.g. the forward pass's, from the backward pass)."""
-    return x + (anchor.reshape(-1)[0] * 0).astype(x.dtype)
 
 
 def cast_after(w: Array, dtype: Dtype, after: Array) -> Array:
@@ -263,7 +257,7 @@ class Stack(Block):
     `config.scan_layers`, one layer runs under `nn.scan` instead (compiled once, not once per
     layer): its params are stacked under `scanned` with a leading `layers` axis
     (:mod:`flaxlora.models.scan`), and so are the collections the factored LoRA path passes
-    (:data:`~flaxlora.models.scan.LORA_COLLECTIONS`).
+    (:data:`~flaxlora.lora.factored.LORA_COLLECTIONS`).
     """
 
     layer: type[Block] = dataclasses.field(kw_only=True)

@@ -23,9 +23,6 @@ import jax.numpy as jnp
 SCANNED = "scanned"  # the child of a scanned Stack holding the stacked params
 # LoraConfig.stack_axes for the targets of a scanned model: one leading (layer) axis.
 SCANNED_STACK_AXES = {f"/{SCANNED}/": 1}
-# The variable collections of the factored LoRA path (flaxlora.lora.factored): adapters and their
-# dropout keys, at their Dense modules' paths; a scanned stack slices them layer by layer.
-LORA_COLLECTIONS = ("lora", "lora_rng")
 
 
 def _is_layer_dict(node: Any) -> bool:

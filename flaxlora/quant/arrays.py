@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from flaxlora.models.layers import computed_after
+from flaxlora.dataflow import computed_after
 
 # QLoRA's NormalFloat4: 8 positive and 7 negative quantiles of N(0, 1) (the two halves drawn
 # separately so that 0 is exact), scaled to [-1, 1]; the values of bitsandbytes' NF4 table.

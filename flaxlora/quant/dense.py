@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from flaxlora.models.layers import DENSE_OUTPUT
+from flaxlora.dataflow import DENSE_OUTPUT
 from flaxlora.quant.arrays import QuantizedArray, dequantize_weight, is_quantized
 
 
