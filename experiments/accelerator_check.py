@@ -20,7 +20,7 @@ Steps, in this order, each in its own process under a time limit, its output in 
                    with XLA's memory account and the memory model's error
     serve-mixed    experiments/bench_mixed.py: 8 adapters x 16 rows mixed in one call against
                    each adapter's own calls
-    default-single the default run with one adapter (--members 1)
+    default-members the default run as a two-adapter ensemble trained in one step (--members 2)
     loop-overhead  experiments/loop_overhead.py: the loop's cost per step on a tiny random BERT
 
 OUT/summary.json gathers each step's figures (written after every step, so a step that runs
@@ -38,10 +38,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("default-cold", "default-warm", "bench-minilm", "memory", "serve-mixed", "default-single", "loop-overhead")
+STEPS = ("default-cold", "default-warm", "bench-minilm", "memory", "serve-mixed", "default-members", "loop-overhead")
 # Seconds each step may take at full size (tiny, on a CPU: 600).
 LIMITS = {"default-cold": 200, "default-warm": 100, "bench-minilm": 120, "memory": 240, "serve-mixed": 150,
-          "default-single": 150, "loop-overhead": 100}
+          "default-members": 150, "loop-overhead": 100}
 
 
 def commands(step: str, model: str, out: Path, tiny: bool) -> tuple[list[str], dict[str, str]]:
@@ -51,9 +51,9 @@ def commands(step: str, model: str, out: Path, tiny: bool) -> tuple[list[str], d
     if step.startswith("default"):
         short = ["--max-steps", "6", "--eval-examples", "32", "--eval-every", "0"] if tiny else []
         env = {"FLAXLORA_STEADY_LOOP_GUARD": "disallow_explicit"} if step == "default-warm" else {}
-        single = ["--members", "1"] if step == "default-single" else []
+        members = ["--members", "2"] if step == "default-members" else []
         return ([python, "experiments/qqp.py", "--model", model, "--output-dir", str(runs / step), "--quiet",
-                 "--compilation-cache", str(out / "jax-cache"), *short, *single], env)
+                 "--compilation-cache", str(out / "jax-cache"), *short, *members], env)
     if step == "bench-minilm":
         size = ["--batch", "4", "--seq-len", "16", "--steps", "1", "--rounds", "1", "--warmup", "1"] if tiny else \
                ["--batch", "32", "--seq-len", "128", "--steps", "10", "--rounds", "2"]
