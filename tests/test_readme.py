@@ -41,19 +41,30 @@ def pm(stat: dict) -> str:
     return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
 
 
+def members_table() -> dict:
+    return json.loads((RESULTS / "members-one-step" / "table.json").read_text())["runs"]["members2"]
+
+
+def train_time_vs_full() -> float:
+    return json.loads((RESULTS / "enhanced-preset" / "wall-vs-full.json").read_text())["train_ratio"]
+
+
 # (regex of README text with one group per figure, the figures as read from results files)
 FIGURES: list[tuple[str, typing.Callable[[], tuple[str, ...]]]] = [
-    (r"classifier trained, ([\d.]+)% of the parameters in all",
+    (r"classifier trained,\s+([\d.]+)% of the parameters, 3 epochs",
      lambda: (f"{preset('enhanced')['trainable_percent']:.2f}",)),
     (r"test MCC (\S+ ± \S+),\s+validation MCC (\S+ ± \S+); seed 0 took ([\d,]+) s wall",
      lambda: (pm(preset("enhanced")["test_mcc"]), pm(preset("enhanced")["validation_mcc"]),
               f"{json.loads((DEFAULT_RUN / 'enhanced-s0' / 'results.json').read_text())['wall_seconds']:,.0f}")),
-    (r"ensemble is (\S+) test MCC and (\S+) validation MCC above full\s+fine-tuning \(3 seeds each, ([\d.]+)% of",
+    (r"adapter is (\S+) test MCC and (\S+) validation MCC against\s+full\s+fine-tuning \(3 seeds each, ([\d.]+)% of",
      lambda: (f"{preset('enhanced')['test_mcc']['mean'] - preset('full')['test_mcc']['mean']:+.4f}",
               f"{preset('enhanced')['validation_mcc']['mean'] - preset('full')['validation_mcc']['mean']:+.4f}",
               f"{preset('enhanced')['trainable_percent']:.2f}")),
+    (r"in ([\d.]+)x\s+full fine-tuning's training time", lambda: (f"{train_time_vs_full():.2f}",)),
     (r"and (\S+) test MCC above plain\s+LoRA",
      lambda: (f"{preset('enhanced')['test_mcc']['mean'] - preset('lora')['test_mcc']['mean']:+.4f}",)),
+    (r"reach (\S+ ± \S+) test MCC and (\S+ ± \S+) validation MCC",
+     lambda: (pm(members_table()["test_mcc"]), pm(members_table()["validation_mcc"]))),
 ]
 NOT_FIGURES = ("Python 3.10", "arXiv:2412.18729", "Llama-3.1-8B", "v1.0", "v1.1")  # versions and names, not measurements
 FIGURE = re.compile(r"\d[\d,]*\.\d+|\d[\d,]*\s?(?:s|ms|min|h|MiB|GiB|GB|MB|x)\b")
