@@ -35,7 +35,6 @@ ACTIVATIONS: Mapping[str, Callable[[Array], Array]] = {
 }
 
 
-# The name (jax.ad_checkpoint.checkpoint_name) of every dense layer's output, however it multiplies.
 # Activation checkpointing of each transformer layer: what its forward keeps for the backward pass.
 # "block" keeps the outputs of its matmuls with a weight (the dense layers', named DENSE_OUTPUT,
 # and the adapters' dots without batch dimensions) and recomputes the rest (norms, activations,
