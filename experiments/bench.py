@@ -12,6 +12,11 @@ OUT.json holds our figures at the top level:
     eval_pairs_per_s       pairs/s of the evaluation forward, batch --eval-batch at --seq-len, as the
                            run evaluates (the train step's forward on frozen weights + adapter, unmerged)
     peak_rss_mb            the side's peak resident memory (ru_maxrss), MiB
+    step_rss_mb            the side's peak resident memory over its train steps (Linux's VmHWM,
+                           restarted after loading and compiling) less what the process held before
+                           it loaded the model: weights, state and the step's own memory, MiB; on a
+                           CPU the figure to set beside XLA's account (the evaluation's forward
+                           counts too when --eval-batches > 0)
     compiles_after_warmup  XLA backend compilations during the timed steps and evaluations
     flops_per_s            useful matmul FLOPs of one step / train_step_s (see ``train_flops``)
     peak_fraction          flops_per_s / the device's peak (``peak_flops``): MFU
@@ -40,7 +45,13 @@ changed and, with --peer, PEFT's mirror of it (none for --quantize: PEFT's 4-bit
 bitsandbytes; the main PEFT side where the flags change nothing PEFT does, e.g. --scan-layers),
 under "variants". All sides are set up at once (compiles and loads overlap); the
 timed steps are split into --rounds rounds that alternate between the sides, so that a change in
-the machine's load falls on all.
+the machine's load falls on all. --one-at-a-time runs the sides one after the other instead (each
+ended before the next loads), for a model of which only one side fits in memory at a time, as the
+1.07B Llama on a 24 GB CPU machine:
+
+    python experiments/bench.py --model runs/llama-1.1b --batch 8 --seq-len 512 --dtype bfloat16 \
+        --steps 1 --warmup 1 --rounds 1 --eval-batches 0 --eval-batch 8 --peer peft --one-at-a-time \
+        --memory-account --variant='--param-dtype bfloat16' --variant='--remat full' --json OUT.json
 
 On a GPU (JAX and PyTorch sharing it: XLA_PYTHON_CLIENT_PREALLOCATE=false is set for our sides):
 
@@ -52,6 +63,7 @@ On a GPU (JAX and PyTorch sharing it: XLA_PYTHON_CLIENT_PREALLOCATE=false is set
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -73,6 +85,18 @@ TARGET_SETS = ("preset", "qv", "all")
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS) or its peak since :func:`restart_peak_rss` (VmHWM), MiB."""
+    return int(re.search(rf"^{field}:\s*(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024
+
+
+def restart_peak_rss() -> None:
+    """Hand the freed heap back to the system (glibc's malloc_trim) and restart the kernel's peak
+    count (VmHWM) at the current RSS, so that what follows is measured on its own (Linux)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def cores() -> int:
@@ -188,6 +212,7 @@ class Ours:
         from flaxlora.training.metrics import weighted_cross_entropy
 
         self.args, self.jax, self.compiles = args, jax, []
+        self.base_rss = rss_mb()  # the libraries, before the model
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
         run = self.run = run_config(args)
         train_batches, eval_batch, _ = load_batches(args.data, args.batch, args.eval_batch)
@@ -227,7 +252,10 @@ class Ours:
                                                    ("state", "frozen", "batch"))
             self.account = account.to_json()
             print(account.table(), file=sys.stderr)
+        else:
+            self.step_fn = self.step_fn.lower(self.state, self.frozen, self.batches[0]).compile()
         self.i = 0
+        restart_peak_rss()
         self.train(1)
         self.compile_s = time.perf_counter() - start
         self.train(args.warmup - 1)
@@ -272,6 +300,7 @@ class Ours:
         return {
             "peak_rss_mb": peak_rss_mb(),
             "device_peak_mb": stats["peak_bytes_in_use"] / 2**20 if stats else None,
+            "step_rss_mb": rss_mb("VmHWM") - self.base_rss,
             "memory_account": self.account,
             "compiles_after_warmup": len(self.compiles) - self.warm_compiles,
             "train_flops": self.train_flops,
@@ -325,6 +354,7 @@ class Peft:
 
         torch.set_num_threads(cores())
         torch.manual_seed(0)
+        self.base_rss = rss_mb()  # the libraries, before the model
         self.torch, self.device, self.args = torch, torch.device(args.peer_device), args
         path = Path(args.model_path)  # resolved by the parent: importing flaxlora here would import jax
         kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
@@ -358,8 +388,10 @@ class Peft:
                         for b in train_batches]
         self.eval_in = tensors(eval_batch)
         self.i = 0
+        restart_peak_rss()
         self.train(args.warmup)
-        self.eval(1)
+        if args.eval_batches:
+            self.eval(1)
 
     def train(self, n: int) -> list[float]:
         torch, times = self.torch, []
@@ -397,6 +429,7 @@ class Peft:
         cuda = self.device.type == "cuda"
         return {
             "peak_rss_mb": peak_rss_mb(),
+            "step_rss_mb": rss_mb("VmHWM") - self.base_rss,
             "device_peak_mb": self.torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "device": self.torch.cuda.get_device_name() if cuda else "cpu",
             "param_dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
@@ -505,23 +538,26 @@ def measure(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "batches.npz"
         write_batches(args.model, args.seq_len, args.batch, args.eval_batch, data)
-        sides = [Side(args, "ours", data)] + ([Side(args, "peft", data)] if args.peer else [])
+        specs = [(args, "ours", "ours", None)] + ([(args, "peft", "peft", None)] if args.peer else [])
         if args.vs or args.vs_root:
-            sides.append(Side(args.vs_args, "ours", data, label="vs", root=args.vs_root))
+            specs.append((args.vs_args, "ours", "vs", args.vs_root))
         for i, variant in enumerate(args.variant_args):
-            sides.append(Side(variant, "ours", data, label=f"ours:{i}"))
+            specs.append((variant, "ours", f"ours:{i}", None))
             if args.peer and peer_mirrors(variant) is None and peer_settings(variant) != peer_settings(args):
-                sides.append(Side(variant, "peft", data, label=f"peft:{i}"))
-        sides = [s.ready() for s in sides]  # all set up at once: compiles and loads overlap
-        times = {s.label: {"train": [], "eval": []} for s in sides}
-        chunk = max(1, args.steps // args.rounds)
-        for r in range(args.rounds):  # alternate, so that the machine's load falls on all sides alike
-            n = chunk if r < args.rounds - 1 else args.steps - chunk * (args.rounds - 1)
-            for s in sides:
-                times[s.label]["train"] += s.ask("train", n)
-            for s in sides:
-                times[s.label]["eval"] += s.ask("eval", args.eval_batches) if args.eval_batches else []
-        finals = {s.label: s.ask("end") for s in sides}
+                specs.append((variant, "peft", f"peft:{i}", None))
+        start = lambda spec: Side(spec[0], spec[1], data, label=spec[2], root=spec[3])  # noqa: E731
+        times, finals = {}, {}
+        for group in ([[spec] for spec in specs] if args.one_at_a_time else [specs]):
+            sides = [s.ready() for s in [start(spec) for spec in group]]  # a group is set up at once
+            times.update({s.label: {"train": [], "eval": []} for s in sides})
+            chunk = max(1, args.steps // args.rounds)
+            for r in range(args.rounds):  # alternate, so that the machine's load falls on all sides alike
+                n = chunk if r < args.rounds - 1 else args.steps - chunk * (args.rounds - 1)
+                for s in sides:
+                    times[s.label]["train"] += s.ask("train", n)
+                for s in sides:
+                    times[s.label]["eval"] += s.ask("eval", args.eval_batches) if args.eval_batches else []
+            finals.update({s.label: s.ask("end") for s in sides})
 
     def figures(name: str) -> dict:
         flops = finals["ours"]["train_flops"]  # the useful work, the same for every side
@@ -541,7 +577,11 @@ def measure(args) -> dict:
         return {"train_throughput": theirs["train_step_s"] / ours["train_step_s"],
                 "eval_throughput": ratio(ours["eval_pairs_per_s"], theirs["eval_pairs_per_s"]),
                 "peak_rss": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
-                "device_peak": ratio(ours["device_peak_mb"], theirs["device_peak_mb"])}
+                "step_rss": ours["step_rss_mb"] / theirs["step_rss_mb"],
+                "device_peak": ratio(ours["device_peak_mb"], theirs["device_peak_mb"]),
+                # XLA's account of our step (live at its peak) over PEFT's measured step memory
+                "account_over_peer_step": (None if ours.get("memory_account") is None else
+                                           ours["memory_account"]["peak"] / 2**20 / (theirs["device_peak_mb"] or theirs["step_rss_mb"]))}
 
     result = figures("ours")
     result.update(cores=cores(), config={
@@ -553,6 +593,7 @@ def measure(args) -> dict:
             "train_step": result["train_step_s"] / other["train_step_s"],
             "eval_throughput": None if other["eval_pairs_per_s"] is None else result["eval_pairs_per_s"] / other["eval_pairs_per_s"],
             "peak_rss": result["peak_rss_mb"] / other["peak_rss_mb"],
+            "step_rss": result["step_rss_mb"] / other["step_rss_mb"],
         }
     if args.peer:
         result["peer"] = figures("peft")
@@ -586,13 +627,14 @@ def summary(r: dict) -> str:
 
     def side(name: str, f: dict) -> str:
         return (f"  {name}: step {f['train_step_s']:.3f} s, eval {num(f['eval_pairs_per_s'])} pairs/s, peak RSS "
-                f"{f['peak_rss_mb']:.0f} MiB, device peak {num(f['device_peak_mb'], '.0f')} MiB, "
+                f"{f['peak_rss_mb']:.0f} MiB (steps {f['step_rss_mb']:.0f}), device peak {num(f['device_peak_mb'], '.0f')} MiB, "
                 f"{f['flops_per_s'] / 1e9:.1f} GFLOP/s = {f['peak_fraction']:.1%} of {f['peak_flops_of']} peak")
 
     def against(q: dict) -> str:
         return (f"  ours / PEFT's: train throughput {q['train_throughput']:.2f}x, eval throughput "
-                f"{num(q['eval_throughput'], '.2f')}x, peak RSS {q['peak_rss']:.2f}x, device peak "
-                f"{num(q['device_peak'], '.2f')}x")
+                f"{num(q['eval_throughput'], '.2f')}x, peak RSS {q['peak_rss']:.2f}x (steps {q['step_rss']:.2f}x), "
+                f"device peak {num(q['device_peak'], '.2f')}x, our XLA account / PEFT's steps "
+                f"{num(q['account_over_peer_step'], '.2f')}x")
 
     lines = [f"{c['model']} {c['preset']} B{c['batch']} S{c['seq_len']} {c['dtype']} compute, {c['param_dtype']} "
              f"weights ({r['lora_path']} path, {r['cores']} cores)",
@@ -643,6 +685,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", default=[], metavar="FLAGS",
                    help="also run our side with these flags changed (and PEFT's mirror of it, with --peer), e.g. "
                         "--variant='--remat full'; repeatable; results under variants")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="run the sides one after the other, not side by side: for a model that fits once in memory")
     p.add_argument("--memory-account", action="store_true",
                    help="compile our train step with XLA's dumps and add its memory account (what is live at its peak)")
     p.add_argument("--vs", help="also run our side with these flags changed, in the same rounds, e.g. "

@@ -81,3 +81,19 @@ def test_the_accelerator_memory_check_runs_at_a_tiny_size(tmp_path):
     check = json.loads((tmp_path / "memory_model_check.json").read_text())["rows"]
     assert [r["side"] for r in check] == ["main", "--param-dtype bfloat16", "--remat full", "--quantize nf4", "--scan-layers"]
     assert all(r["ratio_xla"] > 0 for r in check)
+
+
+def test_one_side_at_a_time_measures_each_sides_step_memory(tmp_path):
+    """--one-at-a-time (a model that fits once in memory): each side ends before the next loads,
+    and reports the resident memory of its own train steps, which the ratios set side by side."""
+    import bench_memory
+
+    model = tmp_path / "llama"
+    bench_memory.make_model(model, hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2)
+    result = bench.main(["--model", str(model), "--batch", "2", "--seq-len", "16", "--steps", "1", "--rounds", "1",
+                         "--warmup", "1", "--eval-batches", "0", "--peer", "peft", "--one-at-a-time",
+                         "--variant=--remat full", "--json", str(tmp_path / "bench.json")])
+    sides = [result, result["peer"], result["variants"][0]["ours"], result["variants"][0]["peer"]]
+    assert all(0 < side["step_rss_mb"] <= side["peak_rss_mb"] for side in sides)
+    assert result["variants"][0]["peer"]["gradient_checkpointing"] is True
+    assert result["ratios"]["step_rss"] == pytest.approx(result["step_rss_mb"] / result["peer"]["step_rss_mb"])
