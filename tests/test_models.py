@@ -263,3 +263,28 @@ def test_remat_keeps_names_logits_and_gradients(kind):
             np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="remat must be one of"):
         init_params(sequence_classifier(dataclasses.replace(config, remat="some")), jax.random.key(0))
+
+
+def test_attention_scores_rows_a_chunk_at_a_time_with_the_same_values_and_gradients(monkeypatch):
+    """Rows scored a chunk at a time (ATTENTION_CHUNK_BYTES made one row's scores): the same output
+    and gradients as the whole batch at once, and the compiled gradient's temporaries a fraction."""
+    from flaxlora.models import layers
+
+    b, s, heads, kv_heads, d = 8, 64, 4, 2, 8
+    q, k, v = (jax.random.normal(key, (b, s, h, d)) for key, h in
+               zip(jax.random.split(jax.random.key(0), 3), (heads, kv_heads, kv_heads)))
+    mask = jnp.ones((b, 1, s), bool).at[0, 0, :5].set(False)
+    loss = lambda q, k, v: jnp.sum(jnp.tanh(layers.attention(q, k, v, mask, scale=0.3)))  # noqa: E731
+
+    def run():
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        return step(q, k, v), step.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+    assert layers.attention_chunk_rows(b, heads, s, s) == b  # 512 KiB of scores: one chunk
+    whole, whole_temp = run()
+    monkeypatch.setattr(layers, "ATTENTION_CHUNK_BYTES", heads * s * s * 4)
+    assert layers.attention_chunk_rows(b, heads, s, s) == 1 and layers.attention_chunk_rows(6, heads, s, s * 2) == 1
+    chunked, chunked_temp = run()
+    for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert chunked_temp < whole_temp / 2, (chunked_temp, whole_temp)

@@ -12,7 +12,7 @@ the attention's q, k and v (its probabilities are recomputed), the MLP's gate an
 adapter's input; with ``remat="full"`` only the layer's input; with ``"block"`` its input and its
 dense outputs. The peak comes in the backward pass of the last layer: every layer's kept
 activations, one layer's full set and the larger of its attention backward (three float32
-batch x heads x length^2 arrays) and its MLP backward. XLA's own account of a compiled step
+rows x heads x length^2 arrays for the rows attention scores at a time) and its MLP backward. XLA's own account of a compiled step
 (:func:`flaxlora.memory.memory_account`) is what this is tested against.
 
 Supported: Llama and BERT-family models (T5: not modelled).
@@ -33,6 +33,7 @@ from flaxlora import pytree
 from flaxlora.lora.config import LoraConfig
 from flaxlora.lora.targets import resolve_targets, trainable_paths
 from flaxlora.models import BertConfig, LlamaConfig, init_params, sequence_classifier
+from flaxlora.models.layers import attention_chunk_rows
 from flaxlora.quant.arrays import quantize_weight
 from flaxlora.quant.tree import quantizable
 
@@ -189,7 +190,8 @@ def estimate_memory(config: Any, *, batch: int, seq_len: int, lora: LoraConfig, 
     adapter_input = 4 if backend == "cpu" else compute
     kept = _layer_activations(config, p, tokens, compute, adapter_input, remat)
     whole = _layer_activations(config, p, tokens, compute, adapter_input, "none")
-    attention = 3 * rows * heads * seq_len**2 * 4  # scores, probabilities and their gradient, float32
+    # scores, probabilities and their gradient, float32, for the rows attention scores at a time
+    attention = 3 * attention_chunk_rows(rows, heads, seq_len, seq_len) * heads * seq_len**2 * 4
     mlp = 2 * tokens * f * compute + tokens * f * 4
     workspace = whole + max(attention, mlp) + 2 * tokens * h * 4 + (2 * p.layer if devices > 1 else 0)
     return MemoryEstimate(weights=p.frozen, state=p.trained * 16, activations=(layers - 1) * kept,

@@ -311,6 +311,28 @@ def attention_output(probs: Array, v: Array) -> Array:
     return out.reshape(*out.shape[:2], -1)
 
 
+# The float32 scores of one chunk of batch rows (rows x heads x q_len x kv_len x 4 bytes) that
+# attention computes at a time, forward and backward, when nothing ties the rows together.
+ATTENTION_CHUNK_BYTES = 32 * 2**20
+
+
+def attention_chunk_rows(batch: int, heads: int, q_len: int, kv_len: int) -> int:
+    """Rows of a batch that :func:`attention` scores at a time: the largest divisor of ``batch``
+    whose float32 scores fit :data:`ATTENTION_CHUNK_BYTES` (at least 1)."""
+    per_row = heads * q_len * kv_len * 4
+    return max(r for r in range(1, batch + 1) if batch % r == 0 and (r == 1 or r * per_row <= ATTENTION_CHUNK_BYTES))
+
+
+def _in_row_chunks(fn: Callable, rows: int, *xs: Array) -> Any:
+    """``fn(*xs)`` computed ``rows`` batch rows (the leading axis of every x) at a time, one chunk
+    after another (``lax.map``), the outputs' chunks joined again."""
+    batch = xs[0].shape[0]
+    if rows == batch:
+        return fn(*xs)
+    out = jax.lax.map(lambda chunk: fn(*chunk), [x.reshape(batch // rows, rows, *x.shape[1:]) for x in xs])
+    return jax.tree.map(lambda y: y.reshape(batch, *y.shape[2:]), out)
+
+
 def _attention_core(q, k, v, mask, bias, key, scale, rate):
     probs = attention_weights(q, k, mask, bias, scale)
     if key is not None:
@@ -318,22 +340,47 @@ def _attention_core(q, k, v, mask, bias, key, scale, rate):
     return attention_output(probs, v)
 
 
+def _chunk_rows(q, k, bias, key) -> int:
+    """:func:`attention_chunk_rows` of these inputs; the whole batch where a dropout key or a bias
+    (with its gradient) spans the rows."""
+    if key is not None or bias is not None:
+        return q.shape[0]
+    return attention_chunk_rows(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+
+
+def _attention_rows(q, k, v, mask, bias, key, scale, rate):
+    rows = _chunk_rows(q, k, bias, key)
+    if rows == q.shape[0]:
+        return _attention_core(q, k, v, mask, bias, key, scale, rate)
+    mask = jnp.broadcast_to(mask, (q.shape[0], *mask.shape[1:]))
+    return _in_row_chunks(lambda q, k, v, mask: _attention_core(q, k, v, mask, None, None, scale, rate), rows,
+                          q, k, v, mask)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _recomputed_attention(q, k, v, mask, bias, key, scale, rate):
-    return _attention_core(q, k, v, mask, bias, key, scale, rate)
+    return _attention_rows(q, k, v, mask, bias, key, scale, rate)
 
 
 def _recomputed_attention_fwd(q, k, v, mask, bias, key, scale, rate):
-    return _attention_core(q, k, v, mask, bias, key, scale, rate), (q, k, v, mask, bias, key)
+    return _attention_rows(q, k, v, mask, bias, key, scale, rate), (q, k, v, mask, bias, key)
 
 
 def _recomputed_attention_bwd(scale, rate, residuals, g):
     q, k, v, mask, bias, key = residuals
     q = computed_after(q, g)  # recomputed once g exists: never hoisted into, or kept from, the forward pass
-    _, vjp = jax.vjp(lambda q, k, v, bias: _attention_core(q, k, v, mask, bias, key, scale, rate), q, k, v, bias)
-    dq, dk, dv, dbias = vjp(g)
     no_gradient = lambda x: None if x is None else np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
-    return dq, dk, dv, no_gradient(mask), dbias, no_gradient(key)
+    rows = _chunk_rows(q, k, bias, key)
+    if rows == q.shape[0]:
+        _, vjp = jax.vjp(lambda q, k, v, bias: _attention_core(q, k, v, mask, bias, key, scale, rate), q, k, v, bias)
+        dq, dk, dv, dbias = vjp(g)
+        return dq, dk, dv, no_gradient(mask), dbias, no_gradient(key)
+
+    def chunk_vjp(q, k, v, mask, g):
+        return jax.vjp(lambda q, k, v: _attention_core(q, k, v, mask, None, None, scale, rate), q, k, v)[1](g)
+
+    dq, dk, dv = _in_row_chunks(chunk_vjp, rows, q, k, v, jnp.broadcast_to(mask, (q.shape[0], *mask.shape[1:])), g)
+    return dq, dk, dv, no_gradient(mask), None, no_gradient(key)
 
 
 _recomputed_attention.defvjp(_recomputed_attention_fwd, _recomputed_attention_bwd)
@@ -352,7 +399,10 @@ def attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float = 1.0, 
     at long lengths (Korthikanti et al. 2022's selective recomputation; PyTorch's fused attention
     keeps none either). The price is the score matmul and softmax once more, a few percent of a
     layer's FLOPs. (A custom VJP rather than ``jax.checkpoint``: XLA would schedule every layer's
-    recomputation as early as it could, all at once.)
+    recomputation as early as it could, all at once.) Without dropout or a bias, the rows of the
+    batch are scored :func:`attention_chunk_rows` at a time, forward and backward, so that at long
+    lengths one chunk's scores are live, not the whole batch's (the same values: rows are
+    independent).
     """
     return _recomputed_attention(q, k, v, mask, bias, dropout_key, float(scale), float(dropout_rate))
 
