@@ -340,21 +340,21 @@ def _attention_core(q, k, v, mask, bias, key, scale, rate):
     return attention_output(probs, v)
 
 
-def _chunk_rows(q, k, bias, key) -> int:
-    """:func:`attention_chunk_rows` of these inputs; the whole batch where a dropout key or a bias
-    (with its gradient) spans the rows."""
-    if key is not None or bias is not None:
-        return q.shape[0]
-    return attention_chunk_rows(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+def _row_chunked(fn: Callable, q, k, v, mask, bias, key, *rest) -> Any:
+    """``fn(q, k, v, mask, bias, key, *rest)``, every array batch-first: for the whole batch where a
+    dropout key or a bias (with its gradient) spans the rows, else :func:`attention_chunk_rows`
+    rows at a time (the mask broadcast to the batch)."""
+    batch = q.shape[0]
+    spanned = key is not None or bias is not None
+    rows = batch if spanned else attention_chunk_rows(batch, q.shape[2], q.shape[1], k.shape[1])
+    if rows == batch:
+        return fn(q, k, v, mask, bias, key, *rest)
+    mask = jnp.broadcast_to(mask, (batch, *mask.shape[1:]))
+    return _in_row_chunks(lambda q, k, v, mask, *rest: fn(q, k, v, mask, None, None, *rest), rows, q, k, v, mask, *rest)
 
 
 def _attention_rows(q, k, v, mask, bias, key, scale, rate):
-    rows = _chunk_rows(q, k, bias, key)
-    if rows == q.shape[0]:
-        return _attention_core(q, k, v, mask, bias, key, scale, rate)
-    mask = jnp.broadcast_to(mask, (q.shape[0], *mask.shape[1:]))
-    return _in_row_chunks(lambda q, k, v, mask: _attention_core(q, k, v, mask, None, None, scale, rate), rows,
-                          q, k, v, mask)
+    return _row_chunked(functools.partial(_attention_core, scale=scale, rate=rate), q, k, v, mask, bias, key)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -370,17 +370,13 @@ def _recomputed_attention_bwd(scale, rate, residuals, g):
     q, k, v, mask, bias, key = residuals
     q = computed_after(q, g)  # recomputed once g exists: never hoisted into, or kept from, the forward pass
     no_gradient = lambda x: None if x is None else np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
-    rows = _chunk_rows(q, k, bias, key)
-    if rows == q.shape[0]:
-        _, vjp = jax.vjp(lambda q, k, v, bias: _attention_core(q, k, v, mask, bias, key, scale, rate), q, k, v, bias)
-        dq, dk, dv, dbias = vjp(g)
-        return dq, dk, dv, no_gradient(mask), dbias, no_gradient(key)
 
-    def chunk_vjp(q, k, v, mask, g):
-        return jax.vjp(lambda q, k, v: _attention_core(q, k, v, mask, None, None, scale, rate), q, k, v)[1](g)
+    def pullback(q, k, v, mask, bias, key, g):
+        core = lambda q, k, v, bias: _attention_core(q, k, v, mask, bias, key, scale, rate)  # noqa: E731
+        return jax.vjp(core, q, k, v, bias)[1](g)
 
-    dq, dk, dv = _in_row_chunks(chunk_vjp, rows, q, k, v, jnp.broadcast_to(mask, (q.shape[0], *mask.shape[1:])), g)
-    return dq, dk, dv, no_gradient(mask), None, no_gradient(key)
+    dq, dk, dv, dbias = _row_chunked(pullback, q, k, v, mask, bias, key, g)
+    return dq, dk, dv, no_gradient(mask), dbias, no_gradient(key)
 
 
 _recomputed_attention.defvjp(_recomputed_attention_fwd, _recomputed_attention_bwd)
