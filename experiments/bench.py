@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import re
@@ -538,17 +539,20 @@ def measure(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "batches.npz"
         write_batches(args.model, args.seq_len, args.batch, args.eval_batch, data)
-        specs = [(args, "ours", "ours", None)] + ([(args, "peft", "peft", None)] if args.peer else [])
+        def side(flags, name: str, label: str, root: str | None = None) -> functools.partial:
+            """The side ``label``, started when its group runs."""
+            return functools.partial(Side, flags, name, data, label=label, root=root)
+
+        specs = [side(args, "ours", "ours")] + ([side(args, "peft", "peft")] if args.peer else [])
         if args.vs or args.vs_root:
-            specs.append((args.vs_args, "ours", "vs", args.vs_root))
+            specs.append(side(args.vs_args, "ours", "vs", args.vs_root))
         for i, variant in enumerate(args.variant_args):
-            specs.append((variant, "ours", f"ours:{i}", None))
+            specs.append(side(variant, "ours", f"ours:{i}"))
             if args.peer and peer_mirrors(variant) is None and peer_settings(variant) != peer_settings(args):
-                specs.append((variant, "peft", f"peft:{i}", None))
-        start = lambda spec: Side(spec[0], spec[1], data, label=spec[2], root=spec[3])  # noqa: E731
+                specs.append(side(variant, "peft", f"peft:{i}"))
         times, finals = {}, {}
         for group in ([[spec] for spec in specs] if args.one_at_a_time else [specs]):
-            sides = [s.ready() for s in [start(spec) for spec in group]]  # a group is set up at once
+            sides = [s.ready() for s in [start() for start in group]]  # a group is set up at once
             times.update({s.label: {"train": [], "eval": []} for s in sides})
             chunk = max(1, args.steps // args.rounds)
             for r in range(args.rounds):  # alternate, so that the machine's load falls on all sides alike
