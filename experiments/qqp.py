@@ -68,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default 0)")
     p.add_argument("--rdrop", type=float, help="R-Drop: two dropout passes per example, the loss adds RDROP x the "
                                                "symmetric KL of their predictions (twice the compute; default 0: off)")
+    p.add_argument("--swap-pairs", action=argparse.BooleanOptionalAction,
+                   help="train each pair with its two questions in a random order each epoch (default off)")
     p.add_argument("--max-length", type=int, help="most tokens per pair (longest-first truncation)")
     p.add_argument("--buckets", type=_lengths, help="comma-separated static sequence lengths, e.g. 32,64,128 "
                                                  "(default: 4 even steps up to --max-length)")

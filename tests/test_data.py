@@ -1,6 +1,7 @@
 """QQP loading and splitting, pair tokenisation with its cache, and static-shape batching."""
 
 import csv
+import dataclasses
 import importlib.resources
 import json
 import random
@@ -462,6 +463,60 @@ def test_resume_from_saved_state_is_exact():
         for name in want:
             np.testing.assert_array_equal(got[name], want[name])
     assert resumed.state == original.state == {"epoch": 1, "step_in_epoch": 5}
+
+
+def _swapped(data, extra=0):
+    """``data``'s examples as the 'other order': token types 1, ``extra`` more tokens (to the max length 64)."""
+    lengths = np.minimum(data.lengths + extra, 64).astype(np.int32)
+    ids = np.repeat(np.arange(1, len(data) + 1, dtype=np.int32), lengths)
+    return EncodedPairs(ids, np.ones_like(ids), lengths, data.labels, pad_id=0)
+
+
+def test_swapped_pairs_draw_an_order_per_example_and_epoch_in_the_same_batches():
+    data, batch_size, buckets = _synthetic(), 16, (16, 32, 48, 64)
+    plain = TrainIterator(data, batch_size, buckets, seed=5)
+    swapping = TrainIterator(data, batch_size, buckets, seed=5, swapped=_swapped(data))
+    flips = []
+    for epoch in range(2):
+        flipped = np.zeros(len(data), bool)
+        for _ in range(plain.steps_per_epoch):
+            want, got = next(plain), next(swapping)
+            for name in ("labels", "weights", "attention_mask"):
+                np.testing.assert_array_equal(got[name], want[name])
+            np.testing.assert_array_equal(_examples(got), _examples(want))
+            types = got["token_type_ids"][got["weights"] > 0]
+            mask = got["attention_mask"][got["weights"] > 0]
+            row_type = types[:, 0]
+            np.testing.assert_array_equal(types, mask * row_type[:, None])  # a row is one order, whole
+            flipped[_examples(got)] = row_type == 1
+        assert 0.35 < flipped.mean() < 0.65
+        flips.append(flipped)
+    assert not np.array_equal(flips[0], flips[1])  # drawn afresh each epoch
+
+    saved = {"epoch": 1, "step_in_epoch": 4}
+    again = TrainIterator(data, batch_size, buckets, seed=5, swapped=_swapped(data), state=saved)
+    reference = TrainIterator(data, batch_size, buckets, seed=5, swapped=_swapped(data))
+    for _ in range(plain.steps_per_epoch + 4):
+        next(reference)
+    for _ in range(3):
+        np.testing.assert_array_equal(next(again)["token_type_ids"], next(reference)["token_type_ids"])
+
+
+def test_swapped_pairs_bucket_by_the_longer_order_and_must_match_the_data():
+    data, batch_size, buckets = _synthetic(), 16, (16, 32, 48, 64)
+    longer = _swapped(data, extra=5)
+    iterator = TrainIterator(data, batch_size, buckets, seed=0, swapped=longer)
+    for _ in range(2 * iterator.steps_per_epoch):  # no row overflows its bucket, whichever order it takes
+        batch = next(iterator)
+        rows = batch["input_ids"][:, 0] - 1
+        swapped_rows = batch["token_type_ids"][:, 0] == 1
+        np.testing.assert_array_equal(batch["attention_mask"].sum(1),
+                                      np.where(swapped_rows, longer.lengths[rows], data.lengths[rows]))
+    with pytest.raises(ValueError, match="same pairs"):
+        TrainIterator(data, batch_size, buckets, seed=0, swapped=_synthetic(n=len(data) - 1))
+    with pytest.raises(ValueError, match="same labels"):
+        relabelled = dataclasses.replace(longer, labels=1 - longer.labels)
+        TrainIterator(data, batch_size, buckets, seed=0, swapped=relabelled)
 
 
 def test_eval_covers_every_example_once_with_weights():

@@ -15,6 +15,7 @@ batch: with several processes each builds the same one (cheap: token ids are in 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import threading
@@ -90,11 +91,16 @@ def batch_lengths(data: EncodedPairs, batch_size: int, buckets: Sequence[int]) -
     return tuple(sorted({length for length, _ in _plan(_bucket_of(data, buckets), buckets, batch_size, rng=None)}))
 
 
-def _assemble(data: EncodedPairs, planned: _Planned, batch_size: int) -> Batch:
-    """The batch ``planned``, padded to ``batch_size`` rows with weight-0 copies."""
+def _assemble(data: EncodedPairs, planned: _Planned, batch_size: int,
+              swapped: EncodedPairs | None = None, flip: np.ndarray | None = None) -> Batch:
+    """The batch ``planned``, padded to ``batch_size`` rows with weight-0 copies; each example ``i``
+    with ``flip[i]`` taken from ``swapped`` (the same pairs, questions in the other order)."""
     length, indices = planned
     rows = np.resize(indices, batch_size)  # Repeats real examples to fill the batch.
     batch = data.pad(rows, length)
+    if swapped is not None:
+        other, take = swapped.pad(rows, length), flip[rows][:, None]
+        batch = {k: np.where(take, other[k], v) for k, v in batch.items()}
     batch["labels"] = data.labels[rows].astype(BATCH_DTYPES["labels"])
     batch["weights"] = (np.arange(batch_size) < len(indices)).astype(BATCH_DTYPES["weights"])
     return batch
@@ -103,7 +109,10 @@ def _assemble(data: EncodedPairs, planned: _Planned, batch_size: int) -> Batch:
 class TrainIterator(Iterator[Batch]):
     """Endless shuffled batches, deterministic in (seed, epoch) and resumable from ``state``.
 
-    Each epoch is a fresh plan from ``np.random.default_rng([seed, epoch])``. ``state`` is
+    Each epoch is a fresh plan from ``np.random.default_rng([seed, epoch])``. With ``swapped`` (the
+    same pairs encoded with their two texts in the other order: a label symmetric in the pair), each
+    epoch also draws, per example, which of the two orders it is trained in; an example's bucket
+    holds both. ``state`` is
     ``{"epoch": e, "step_in_epoch": i}``, the position of the next batch; building an iterator
     with that state yields exactly the batches the saved one would have yielded next.
     """
@@ -116,20 +125,25 @@ class TrainIterator(Iterator[Batch]):
         *,
         seed: int,
         state: dict[str, Any] | None = None,
+        swapped: EncodedPairs | None = None,
     ):
         if not len(data):
             raise ValueError("no training examples")
         if np.any(data.labels < 0):
             raise ValueError("training examples must all be labelled")
-        self.data = data
+        if swapped is not None and (len(swapped) != len(data) or np.any(swapped.labels != data.labels)):
+            raise ValueError("swapped must hold the same pairs, with the same labels, as data")
+        self.data, self.swapped = data, swapped
         self.batch_size = batch_size
         self.buckets = tuple(buckets)
         self.seed = seed
         self.steps_per_epoch = math.ceil(len(data) / batch_size)
-        self._bucket_of = _bucket_of(data, self.buckets)
+        longest = data if swapped is None else dataclasses.replace(data, lengths=np.maximum(data.lengths, swapped.lengths))
+        self._bucket_of = _bucket_of(longest, self.buckets)
         self._epoch, self._step = 0, 0
         self._plan_epoch = -1
         self._epoch_plan: list[_Planned] = []
+        self._flip: np.ndarray | None = None
         if state is not None:
             self.restore(state)
 
@@ -149,8 +163,10 @@ class TrainIterator(Iterator[Batch]):
         if self._plan_epoch != self._epoch:
             rng = np.random.default_rng([self.seed, self._epoch])
             self._epoch_plan = _plan(self._bucket_of, self.buckets, self.batch_size, rng)
+            if self.swapped is not None:  # drawn after the plan: the same batches as without swapped
+                self._flip = rng.random(len(self.data)) < 0.5
             self._plan_epoch = self._epoch
-        batch = _assemble(self.data, self._epoch_plan[self._step], self.batch_size)
+        batch = _assemble(self.data, self._epoch_plan[self._step], self.batch_size, self.swapped, self._flip)
         self._step += 1
         if self._step == self.steps_per_epoch:
             self._epoch, self._step = self._epoch + 1, 0

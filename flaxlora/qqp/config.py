@@ -73,6 +73,7 @@ class RunConfig:
     max_grad_norm: float | None = 1.0
     max_skipped_steps: int = 5  # stop after this many updates in a row skipped for a non-finite loss or gradient
     label_smoothing: float = 0.0
+    swap_pairs: bool = False  # train each pair in a random order of its two questions each epoch (a symmetric label)
     rdrop: float = 0.0  # R-Drop: two dropout passes per example, + rdrop x their symmetric KL (StepOptions)
     warmup_ratio: float = 0.06
     decay: str = "linear"

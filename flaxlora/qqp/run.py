@@ -77,9 +77,11 @@ def labelled_splits(data, eval_examples: int | None = None) -> dict:
     return splits
 
 
-def encode_split(split, pretrained, run: RunConfig):
+def encode_split(split, pretrained, run: RunConfig, swap: bool = False):
+    """``split``'s pairs encoded for ``pretrained``; ``swap``: each pair's questions in the other order."""
+    first, second = (split.question2, split.question1) if swap else (split.question1, split.question2)
     return encode_pairs(
-        pretrained.tokenizer, split.question1, split.question2, run.max_length, labels=split.labels,
+        pretrained.tokenizer, first, second, run.max_length, labels=split.labels,
         pair_format=pair_format_for(pretrained.kind), cache_dir=run.cache_dir,
     )
 
@@ -312,7 +314,8 @@ def _finetune(run: RunConfig, out: epath.Path, resume: bool, progress: bool, sta
     apply = training.logits_fn(pretrained.model, lora, run.lora_path)
     options = training.StepOptions(accum_steps=run.accum_steps, label_smoothing=run.label_smoothing, rdrop=run.rdrop,
                                    max_skipped_steps=run.max_skipped_steps, learning_rate=schedule)
-    iterator = TrainIterator(encoded["train"], run.batch_size, buckets, seed=seeds[0])
+    swapped = encode_split(splits["train"], pretrained, run, swap=True) if run.swap_pairs else None
+    iterator = TrainIterator(encoded["train"], run.batch_size, buckets, seed=seeds[0], swapped=swapped)
     if resume_step is not None:  # restored straight into the run's shardings, from the newest readable step
         states, meta = _restore_members(ckpts, states)
         resume_step = int(states[0].step)
