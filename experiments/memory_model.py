@@ -77,7 +77,9 @@ def markdown(rows: list[dict], seq_len: int, batch: int, usable: float, command:
              f"Predicted by `flaxlora.estimate_memory` (no run): each cell is the largest global batch of {seq_len}-token "
              f"examples whose peak fits in {usable:.0%} of the device's memory, then the peak per device at a global "
              f"batch of {batch} (GiB; `-`: does not fit). FSDP (the slice) shards the frozen matrices and the batch over "
-             "the 8 chips and rematerialises every layer, as a run on it does (`--remat auto`). Storage: the frozen "
+             "the 8 chips and rematerialises every layer, as a run on it does (`--remat auto`; \"(full)\": see the "
+             "`full` row). Checked against XLA's accounts of compiled steps on CPU (within 15%), not yet against a GPU's "
+             "or TPU's measured peak. Storage: the frozen "
              "base as loaded (`--param-dtype`, `--quantize nf4`); with bf16 compute a run holds fp32 matrices in "
              "bf16 once (`frozen_in_compute_dtype`), so fp32 and bf16 storage need the same memory in training, "
              "but fp32 storage is loaded in fp32 first (a cell fits that too: a batch of 0 where it does not).",
