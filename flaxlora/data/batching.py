@@ -15,7 +15,6 @@ batch: with several processes each builds the same one (cheap: token ids are in 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import queue
 import threading
@@ -56,12 +55,12 @@ def check_buckets(buckets: Sequence[int], max_length: int | None = None) -> None
         raise ValueError(f"buckets must end at max_length {max_length}, got {tuple(buckets)}")
 
 
-def _bucket_of(data: EncodedPairs, buckets: Sequence[int]) -> np.ndarray:
-    """(n,) index into ``buckets`` of the smallest bucket that holds each example."""
+def _bucket_of(lengths: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
+    """(n,) index into ``buckets`` of the smallest bucket that holds each example of ``lengths`` (n,)."""
     check_buckets(buckets)
-    if len(data) and data.lengths.max() > buckets[-1]:
-        raise ValueError(f"an example has {data.lengths.max()} tokens > the largest bucket")
-    return np.searchsorted(np.asarray(buckets), data.lengths, side="left")
+    if len(lengths) and lengths.max() > buckets[-1]:
+        raise ValueError(f"an example has {lengths.max()} tokens > the largest bucket")
+    return np.searchsorted(np.asarray(buckets), lengths, side="left")
 
 
 def _plan(
@@ -88,7 +87,7 @@ def batch_lengths(data: EncodedPairs, batch_size: int, buckets: Sequence[int]) -
     """The sequence lengths of the batches that :class:`TrainIterator` and :func:`eval_batches`
     make of ``data`` (every epoch has the same ones: shuffling moves examples, not counts): the
     shapes a step compiles for."""
-    return tuple(sorted({length for length, _ in _plan(_bucket_of(data, buckets), buckets, batch_size, rng=None)}))
+    return tuple(sorted({length for length, _ in _plan(_bucket_of(data.lengths, buckets), buckets, batch_size, rng=None)}))
 
 
 def _assemble(data: EncodedPairs, planned: _Planned, batch_size: int,
@@ -138,7 +137,7 @@ class TrainIterator(Iterator[Batch]):
         self.buckets = tuple(buckets)
         self.seed = seed
         self.steps_per_epoch = math.ceil(len(data) / batch_size)
-        longest = data if swapped is None else dataclasses.replace(data, lengths=np.maximum(data.lengths, swapped.lengths))
+        longest = data.lengths if swapped is None else np.maximum(data.lengths, swapped.lengths)
         self._bucket_of = _bucket_of(longest, self.buckets)
         self._epoch, self._step = 0, 0
         self._plan_epoch = -1
@@ -178,7 +177,7 @@ def inference_batches(data: EncodedPairs, batch_size: int, buckets: Sequence[int
     are the example indices held by the first ``len(rows)`` rows of ``batch`` (input_ids,
     attention_mask, token_type_ids); the rest repeat them as padding. Unlike training and
     evaluation batches, nothing moves to a longer bucket: each example is padded to its own."""
-    bucket_of = _bucket_of(data, buckets)
+    bucket_of = _bucket_of(data.lengths, buckets)
     for k, length in enumerate(buckets):
         members = np.flatnonzero(bucket_of == k)
         for start in range(0, len(members), batch_size):
@@ -188,7 +187,7 @@ def inference_batches(data: EncodedPairs, batch_size: int, buckets: Sequence[int
 
 def eval_batches(data: EncodedPairs, batch_size: int, buckets: Sequence[int]) -> Iterator[Batch]:
     """Each example once, in fixed order (by bucket, then index): ceil(n / batch_size) batches."""
-    plan = _plan(_bucket_of(data, buckets), buckets, batch_size, rng=None)
+    plan = _plan(_bucket_of(data.lengths, buckets), buckets, batch_size, rng=None)
     return (_assemble(data, p, batch_size) for p in plan)
 
 
