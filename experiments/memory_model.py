@@ -115,12 +115,9 @@ def check(bench_json: Path) -> list[dict]:
     sides = [("main", result)] + [(v["flags"], v["ours"]) for v in result.get("variants", [])]
     rows = []
     for name, side in sides:
-        kind = side["device"].lower()
-        backend = "cpu" if kind == "cpu" or "cpu" in kind else "tpu" if "tpu" in kind else "gpu"
         estimate = estimate_memory(dataclasses.replace(config, remat=side["remat"]), batch=c["batch"],
                                    seq_len=c["seq_len"], lora=PRESETS[c["preset"]].lora, compute_dtype=c["dtype"],
-                                   param_dtype=side["param_dtype"], remat=side["remat"], quantize=side["quantize"],
-                                   backend=backend)
+                                   param_dtype=side["param_dtype"], remat=side["remat"], quantize=side["quantize"])
         account = side.get("memory_account") or {}
         measured = {"device_peak": side["device_peak_mb"] and side["device_peak_mb"] * 2**20,
                     "xla_live_peak": account.get("peak")}

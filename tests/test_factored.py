@@ -120,3 +120,31 @@ def test_frozen_weights_held_in_the_compute_dtype_give_the_same_step(lora_path):
     for expected, got in zip(jax.value_and_grad(loss, argnums=1)(frozen, trainable),
                              jax.value_and_grad(loss, argnums=1)(held, trainable)):
         jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
+@pytest.mark.parametrize(("fan_in", "fan_out"), [((32,), (48,)), ((4, 8), (32,)), ((32,), (4, 8))])
+def test_the_bf16_adapter_product_equals_float32_math_with_its_gradients(fan_in, fan_out):
+    """In bf16, ``(x @ a) @ b`` multiplies in bf16 and accumulates in float32 (flaxlora.dataflow's
+    f32_accumulated_dot), also for a DenseGeneral's several fan-in or fan-out axes."""
+    from flaxlora.lora.factored import low_rank_update
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (3, 5, *fan_in)).astype(jnp.bfloat16)
+    a = jax.random.normal(keys[1], (*fan_in, 2))
+    b = jax.random.normal(keys[2], (2, *fan_out))
+    weights = jax.random.normal(keys[3], (3, 5, *fan_out))
+
+    def reference(x, a, b):  # float32 math on the bf16 values
+        bf = lambda v: v.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+        return jnp.tensordot(bf(jnp.tensordot(bf(x), bf(a), len(fan_in))), bf(b), 1)
+
+    got = low_rank_update(x, a, b, jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16 and got.shape == (3, 5, *fan_out)
+    np.testing.assert_allclose(np.asarray(got, np.float32), reference(x, a, b), rtol=2e-2, atol=2e-2)
+    loss = lambda f: lambda *args: jnp.sum(f(*args).astype(jnp.float32) * weights)  # noqa: E731
+    ours = jax.grad(loss(lambda *args: low_rank_update(*args, jnp.bfloat16)), argnums=(0, 1, 2))(x, a, b)
+    want = jax.grad(loss(reference), argnums=(0, 1, 2))(x, a, b)
+    for g, w in zip(ours, want):
+        assert g.dtype == w.dtype
+        scale = float(jnp.abs(w).max())
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=3e-2 * scale)

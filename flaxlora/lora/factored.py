@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxlora import pytree
+from flaxlora.dataflow import f32_accumulated_dot
 from flaxlora.dropout import dropout
 from flaxlora.lora import variants
 from flaxlora.lora.adapters import adapters_by_path, path_key
@@ -48,8 +49,15 @@ def _contracted_axes(module: nn.Module, ndim: int) -> tuple[int, ...]:
 
 
 def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-    """``(x @ a) @ b`` in ``dtype``, contracting the last ``a.ndim - 1`` axes of ``x`` with ``a``'s fan-in."""
-    return jnp.tensordot(jnp.tensordot(x.astype(dtype), a.astype(dtype), a.ndim - 1), b.astype(dtype), 1)
+    """``(x @ a) @ b`` in ``dtype``, contracting the last ``a.ndim - 1`` axes of ``x`` with ``a``'s
+    fan-in. In a low-precision ``dtype`` each product is accumulated in float32
+    (:func:`~flaxlora.dataflow.f32_accumulated_dot`, as the dense layers: XLA:CPU then keeps no
+    float32 copy of ``x`` for ``a``'s gradient)."""
+    if jnp.dtype(dtype).itemsize >= 4:
+        return jnp.tensordot(jnp.tensordot(x.astype(dtype), a.astype(dtype), a.ndim - 1), b.astype(dtype), 1)
+    lead = x.shape[:x.ndim - (a.ndim - 1)]
+    h = f32_accumulated_dot(x.astype(dtype).reshape(*lead, -1), a.reshape(-1, a.shape[-1])).astype(dtype)
+    return f32_accumulated_dot(h, b.reshape(b.shape[0], -1)).astype(dtype).reshape(*lead, *b.shape[1:])
 
 
 def dora_rescale(module: nn.Module, y: jax.Array, delta: jax.Array, factor: jax.Array) -> jax.Array:

@@ -37,7 +37,6 @@ from flaxlora.models.layers import attention_chunk_rows
 from flaxlora.quant.arrays import quantize_weight
 from flaxlora.quant.tree import quantizable
 
-BACKENDS = ("gpu", "tpu", "cpu")
 REMATS = ("none", "block", "full")
 # Each adapted module's role in a layer, by the end of its path: what its input is.
 ROLES = {
@@ -144,21 +143,20 @@ def _dimensions(config: Any) -> tuple[str, int, int, int, int, int, int]:
     raise ValueError(f"the memory model covers Llama and BERT-family models, not {type(config).__name__}")
 
 
-def _layer_activations(config: Any, p: _Parameters, tokens: int, compute: int, adapter_input: int,
-                       remat: str) -> int:
+def _layer_activations(config: Any, p: _Parameters, tokens: int, compute: int, remat: str) -> int:
     """Bytes one layer keeps for the backward pass under ``remat`` (``tokens`` per device,
-    ``compute`` bytes per value, ``adapter_input`` bytes per value of an adapter's kept input)."""
+    ``compute`` bytes per value)."""
     arch, _, h, f, heads, kv_heads, d = _dimensions(config)
     t, c = tokens, compute
     residual = 4 if arch == "llama" else c  # Llama's residual stream is float32
     lora = p.adapted * t * p.rank * c  # each adapter's x @ a
     if remat == "full":
         return t * h * residual
-    if remat == "block":  # the input and every dense output
-        dense = (heads + 2 * kv_heads) * d + h + 2 * f + h if arch == "llama" else 4 * h + f + h
-        return t * h * residual + t * dense * c + lora + t * sum(p.widths.values()) * c
+    if remat == "block":  # the input and every dense output but the last (only added to the residual)
+        dense = (heads + 2 * kv_heads) * d + h + 2 * f if arch == "llama" else 4 * h + f
+        return t * h * residual + t * dense * c + lora
     inputs = {"attention_in": h, "attention_out": heads * d, "mlp_in": h, "mlp_out": f}
-    adapted_inputs = sum(t * inputs[role] * adapter_input for role in p.widths)
+    adapted_inputs = sum(t * inputs[role] * c for role in p.widths)
     if arch == "llama":  # both norms' float32 input, q k v, the MLP's gate and up
         kept = 2 * t * h * 4 + t * (heads + 2 * kv_heads) * d * c + 2 * t * f * c
     else:  # the layer's input, both LayerNorms' input, q k v, the activation's input
@@ -169,27 +167,25 @@ def _layer_activations(config: Any, p: _Parameters, tokens: int, compute: int, a
 
 def estimate_memory(config: Any, *, batch: int, seq_len: int, lora: LoraConfig, compute_dtype: str = "bfloat16",
                     param_dtype: str = "float32", remat: str = "none", quantize: str | None = None,
-                    devices: int = 1, backend: str = "gpu") -> MemoryEstimate:
+                    devices: int = 1) -> MemoryEstimate:
     """The peak bytes per device of the train step of ``config`` (a Llama or BERT config of
     :mod:`flaxlora.models`) with adapter ``lora`` on ``batch`` examples of ``seq_len`` tokens.
 
     compute_dtype, param_dtype: as ``--dtype`` and ``--param-dtype``; remat: "none" | "block" |
     "full" (with ``devices > 1`` a run's "auto" is "full"); quantize: the frozen kernels' scheme
     ("nf4", "nf4-dq", "int8"); devices: an FSDP mesh (fsdp=devices) sharding the frozen matrices
-    and the batch; backend: "cpu" keeps a bf16 matmul's input for the backward pass in float32
-    (XLA:CPU multiplies bf16 in float32).
+    and the batch.
     """
-    if remat not in REMATS or backend not in BACKENDS:
-        raise ValueError(f"remat must be one of {REMATS} and backend one of {BACKENDS}, got {remat!r}, {backend!r}")
+    if remat not in REMATS:
+        raise ValueError(f"remat must be one of {REMATS}, got {remat!r}")
     if batch % devices:
         raise ValueError(f"batch {batch} must be a multiple of the {devices} devices it is split over")
     arch, layers, h, f, heads, _, _ = _dimensions(config)
     p = _parameters(config, lora, compute_dtype, param_dtype, quantize, devices)
     rows = batch // devices
     tokens, compute = rows * seq_len, _bytes(compute_dtype)
-    adapter_input = 4 if backend == "cpu" else compute
-    kept = _layer_activations(config, p, tokens, compute, adapter_input, remat)
-    whole = _layer_activations(config, p, tokens, compute, adapter_input, "none")
+    kept = _layer_activations(config, p, tokens, compute, remat)
+    whole = _layer_activations(config, p, tokens, compute, "none")
     # scores, probabilities and their gradient, float32, for the rows attention scores at a time
     attention = 3 * attention_chunk_rows(rows, heads, seq_len, seq_len) * heads * seq_len**2 * 4
     mlp = 2 * tokens * f * compute + tokens * f * 4

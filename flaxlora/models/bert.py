@@ -11,6 +11,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxlora.dataflow import recompute_in_backward
 from flaxlora.dropout import Dropout
 from flaxlora.models.config import BertConfig
 from flaxlora.models.layers import (
@@ -20,7 +21,6 @@ from flaxlora.models.layers import (
     Stack,
     activation,
     attention,
-    recompute_in_backward,
     split_heads,
 )
 

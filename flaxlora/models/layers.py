@@ -15,11 +15,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import lift
 from flax.linen.dtypes import promote_dtype
 from jax.ad_checkpoint import checkpoint_name
 
+from flaxlora.dataflow import (
+    DENSE_OUTPUT,
+    checkpoint_after_cotangent,
+    computed_after,
+    f32_accumulated_dot,
+)
 from flaxlora.dropout import dropout
-from flaxlora.dataflow import DENSE_OUTPUT, computed_after
 from flaxlora.lora.factored import LORA_COLLECTIONS
 from flaxlora.models.scan import SCANNED
 
@@ -60,7 +66,27 @@ def remat_layer(layer: type[nn.Module], remat: str, deterministic_argnum: int) -
         raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
     if remat == "none":
         return layer
-    return nn.remat(layer, policy=REMAT_POLICIES[remat], static_argnums=(deterministic_argnum,))
+    return nn.transforms.lift_transform(_lifted_checkpoint, layer, policy=REMAT_POLICIES[remat],
+                                        static_argnum=deterministic_argnum - 1)
+
+
+def _lifted_checkpoint(fn: Callable, policy: Callable, static_argnum: int) -> Callable:
+    """``flax.core.lift.checkpoint`` with :func:`~flaxlora.dataflow.checkpoint_after_cotangent` for
+    ``jax.checkpoint``: ``fn(scope, *args)`` with ``args[static_argnum]`` static; the variables are
+    the weights, never copied to tie them."""
+
+    def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args):
+        static = args[static_argnum]
+
+        def rematted(variable_groups, rng_groups, *dynamic):
+            scope = scope_fn(variable_groups, rng_groups)
+            y = fn(scope, *dynamic[:static_argnum], static, *dynamic[static_argnum:])
+            return y, repack_fn(scope)
+
+        dynamic = args[:static_argnum] + args[static_argnum + 1:]
+        return checkpoint_after_cotangent(rematted, policy)(variable_groups, rng_groups, *dynamic)
+
+    return lift.pack(inner, (True,), (True,), (True,), name="remat")
 
 
 def activation(name: str) -> Callable[[Array], Array]:
@@ -68,73 +94,6 @@ def activation(name: str) -> Callable[[Array], Array]:
     if name not in ACTIVATIONS:
         raise ValueError(f"Unsupported hidden_act {name!r}; supported: {sorted(ACTIVATIONS)}.")
     return ACTIVATIONS[name]
-
-
-def cast_after(w: Array, dtype: Dtype, after: Array) -> Array:
-    """``w.astype(dtype)`` :func:`computed_after` ``after``; ``w`` itself when it has ``dtype``."""
-    return w if w.dtype == dtype else computed_after(w, after).astype(dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def recompute_in_backward(fn: Callable[..., Array], *args: Array) -> Array:
-    """``fn(*args)`` for an elementwise ``fn`` (an activation, a gated MLP's ``act(gate) * up``)
-    whose backward pass keeps only ``args`` and recomputes ``fn`` (cheap), instead of keeping its
-    intermediates too: exact GELU keeps two (batch, len, intermediate) arrays besides its input,
-    SiLU's ``sigmoid(gate)`` and ``act(gate)`` one each."""
-    return fn(*args)
-
-
-def _recompute_in_backward_fwd(fn, *args):
-    return fn(*args), args
-
-
-def _recompute_in_backward_bwd(fn, args, g):
-    _, vjp = jax.vjp(fn, computed_after(args[0], g), *args[1:])
-    return vjp(g)
-
-
-recompute_in_backward.defvjp(_recompute_in_backward_fwd, _recompute_in_backward_bwd)
-
-
-@jax.custom_vjp
-def f32_accumulated_dot(x: Array, w: Array) -> Array:
-    """``x (..., in) @ w (in, out)`` multiplied in ``x``'s (low-precision) dtype, ``w`` cast to it,
-    accumulated and returned in float32.
-
-    The backward pass multiplies in that dtype too and forms the weight gradient only when ``w``
-    is differentiated (never for a frozen weight). A frozen ``w`` is kept for the backward pass as
-    it is (an argument of the step, alive anyway) and cast again there: no low-precision copy of
-    every frozen weight stays alive from the forward pass to the backward pass.
-    """
-    return jax.lax.dot_general(x, cast_after(w, x.dtype, x), (((x.ndim - 1,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-
-
-def _f32_accumulated_dot_fwd(x, w):
-    y = f32_accumulated_dot(x.value, w.value)
-    dtype = x.value.dtype
-    # A differentiated w (a merged or fully trained kernel) is a value of this step: keep its cast.
-    kept_w = (w.value.astype(dtype) if w.perturbed else w.value) if x.perturbed else None
-    dtypes = (jnp.zeros((0,), dtype), jnp.zeros((0,), w.value.dtype))  # what the cotangents are cast to
-    return y, (x.value if w.perturbed else None, kept_w, dtypes)
-
-
-def _f32_accumulated_dot_bwd(residuals, g):
-    x, w, (like_x, like_w) = residuals
-    dtype = like_x.dtype
-    g = g.astype(dtype)
-    dx = dw = None
-    if w is not None:
-        dx = jax.lax.dot_general(g, cast_after(w, dtype, g), (((g.ndim - 1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32).astype(dtype)
-    if x is not None:
-        rows = x.reshape(-1, x.shape[-1])
-        dw = jax.lax.dot_general(rows, g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32).astype(like_w.dtype)
-    return dx, dw
-
-
-f32_accumulated_dot.defvjp(_f32_accumulated_dot_fwd, _f32_accumulated_dot_bwd, symbolic_zeros=True)
 
 
 def _dense_dot_general(x, w, dimension_numbers, precision=None):

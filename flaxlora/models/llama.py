@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlora.dataflow import recompute_in_backward
 from flaxlora.dropout import Dropout
 from flaxlora.models.config import LlamaConfig
 from flaxlora.models.layers import (
@@ -22,7 +23,6 @@ from flaxlora.models.layers import (
     Stack,
     activation,
     attention,
-    recompute_in_backward,
     split_heads,
 )
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlora.dataflow import recompute_in_backward
 from flaxlora.dropout import Dropout
 from flaxlora.models.layers import (
     Array,
@@ -31,7 +32,6 @@ from flaxlora.models.layers import (
     SequenceClassifier,
     activation,
     attention,
-    recompute_in_backward,
     remat_layer,
     split_heads,
 )
