@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 # jax.ad_checkpoint.checkpoint_name of every dense layer's output, quantized or not.
@@ -85,15 +86,13 @@ def _f32_accumulated_dot_bwd(residuals, g):
     dtype = like_x.dtype
     g = g.astype(dtype)
     dx = dw = None
+    if w is not None:
+        dx = jax.lax.dot_general(g, cast_after(w, dtype, g), (((g.ndim - 1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32).astype(dtype)
     if x is not None:
         rows = x.reshape(-1, x.shape[-1])
         dw = jax.lax.dot_general(rows, g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32).astype(like_w.dtype)
-    if w is not None:
-        dx = jax.lax.dot_general(g, cast_after(w, dtype, g), (((g.ndim - 1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32).astype(dtype)
-        if dw is not None:  # handed on once dw is formed, so x (and g) are freed layer by layer
-            dx = computed_after(dx, dw)
     return dx, dw
 
 
@@ -108,47 +107,55 @@ def checkpoint_after_cotangent(fun: Callable[..., Any], policy: Callable[..., bo
     ``jax.checkpoint`` orders the recomputation with optimization barriers, which XLA:CPU removes:
     it then schedules every layer's recomputation at the start of the backward pass and keeps all
     of them alive (a 22-layer Llama under ``--remat full`` held more than without remat). Here the
-    values the forward pass saves are tied to the cotangent (:func:`computed_after`) when the
-    backward pass starts, except the leaves of ``weights`` (tying would copy each weight): the same
-    values and gradients on every backend. Only the weights being differentiated are differentiated
-    inside (a frozen weight stays a constant to the custom VJPs of ``fun``).
+    values the forward pass saves are tied (:func:`computed_after`) to the first floating-point
+    leaf of the output's cotangent when the backward pass starts, except the arrays of ``weights``
+    themselves (tying would copy each weight): the same values and gradients on every backend.
+    Only the weights being differentiated are differentiated inside: a frozen weight stays a
+    constant to the custom VJPs in ``fun``, which then form no gradient of it.
     """
-    checkpointed = jax.checkpoint(fun, policy=policy)
 
     @jax.custom_vjp
     def run(weights, *inputs):
-        return checkpointed(weights, *inputs)
+        return jax.checkpoint(fun, policy=policy)(weights, *inputs)
 
     def forward(weights, *inputs):
-        leaves, weights_def = jax.tree.flatten(weights, is_leaf=_is_primal)
-        trained = [w.perturbed for w in leaves]
-        leaves = [w.value for w in leaves]
+        primals, weights_def = jax.tree.flatten(weights, is_leaf=_is_primal)
+        trained = tuple(p.perturbed for p in primals)
+        values = [p.value for p in primals]
         inputs = jax.tree.map(lambda p: p.value, inputs, is_leaf=_is_primal)
+        # A new function each call: jax.checkpoint reuses its trace of a function it has seen,
+        # which a call that trains other weights must not.
+        checkpointed = jax.checkpoint(lambda *args: fun(*args), policy=policy)
 
-        def differentiated(trained_leaves, *inputs):
-            it = iter(trained_leaves)
-            return checkpointed(weights_def.unflatten([next(it) if t else w for w, t in zip(leaves, trained)]),
+        def of_trained(trained_values, *inputs):  # fun with the frozen weights as constants
+            it = iter(trained_values)
+            return checkpointed(weights_def.unflatten([next(it) if t else v for v, t in zip(values, trained)]),
                                 *inputs)
 
-        out, pullback = jax.vjp(differentiated, [w for w, t in zip(leaves, trained) if t], *inputs)
-        saved, treedef = jax.tree.flatten(pullback)
-        held = {id(w) for w in leaves}
-        tie = [id(s) not in held and jnp.issubdtype(s.dtype, jnp.inexact) for s in saved]
+        out, pullback = jax.vjp(of_trained, [v for v, t in zip(values, trained) if t], *inputs)
+        saved, saved_def = jax.tree.flatten(pullback)
+        weight_ids = {id(v) for v in values}
+        tie = [id(s) not in weight_ids and jnp.issubdtype(s.dtype, jnp.inexact) for s in saved]
 
-        def pullback_after(*args):  # the saved values, then the anchor
+        def pullback_after(*args):
+            """The pullback with its saved values tied to ``anchor`` (the last argument), and what
+            the backward pass needs to rebuild the weights' cotangents (a Partial's function is
+            static: these travel with it, not as residuals)."""
             *saved, anchor = args
-            return treedef.unflatten([computed_after(s, anchor) if t else s for s, t in zip(saved, tie)]), \
-                weights_def, trained
+            if anchor is not None:
+                saved = [computed_after(s, anchor) if t else s for s, t in zip(saved, tie)]
+            return saved_def.unflatten(saved), weights_def, trained
 
         return out, jax.tree_util.Partial(pullback_after, *saved)
 
     def backward(pullback_after, cotangent):
-        cotangent = jax.tree.map(lambda c: jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c,
-                                 cotangent, is_leaf=lambda c: isinstance(c, SymbolicZero))
-        pullback, weights_def, trained = pullback_after(jax.tree.leaves(cotangent)[0])
-        trained_grads, *inputs = pullback(cotangent)
+        leaves = jax.tree.leaves(cotangent, is_leaf=_is_zero)
+        anchor = next((c for c in leaves if not _is_zero(c) and jnp.issubdtype(c.dtype, jnp.inexact)), None)
+        cotangent = jax.tree.map(lambda c: _zeros(c) if _is_zero(c) else c, cotangent, is_leaf=_is_zero)
+        pullback, weights_def, trained = pullback_after(anchor)
+        trained_grads, *input_grads = pullback(cotangent)
         it = iter(trained_grads)
-        return (weights_def.unflatten([next(it) if t else None for t in trained]), *inputs)
+        return (weights_def.unflatten([next(it) if t else None for t in trained]), *input_grads)
 
     run.defvjp(forward, backward, symbolic_zeros=True)
     return run
@@ -156,3 +163,14 @@ def checkpoint_after_cotangent(fun: Callable[..., Any], policy: Callable[..., bo
 
 def _is_primal(x: Any) -> bool:
     return isinstance(x, CustomVJPPrimal)
+
+
+def _is_zero(x: Any) -> bool:
+    return isinstance(x, SymbolicZero)
+
+
+def _zeros(zero: SymbolicZero) -> Any:
+    """A symbolic zero cotangent as an array (float0 for an integer output)."""
+    if zero.dtype == jax.dtypes.float0:
+        return np.zeros(zero.shape, jax.dtypes.float0)
+    return jnp.zeros(zero.shape, zero.dtype)

@@ -10,7 +10,7 @@ What the layers keep for the backward pass follows this implementation (see
 :mod:`flaxlora.models.layers`): per layer of a Llama, the float32 residual stream at both norms,
 the attention's q, k and v (its probabilities are recomputed), the MLP's gate and up, and each
 adapter's input; with ``remat="full"`` only the layer's input; with ``"block"`` its input and its
-dense outputs. The peak comes in the backward pass of the last layer: every layer's kept
+dense outputs but the last (only added to the residual stream). The peak comes in the backward pass of the last layer: every layer's kept
 activations, one layer's full set and the larger of its attention backward (three float32
 rows x heads x length^2 arrays for the rows attention scores at a time) and its MLP backward. XLA's own account of a compiled step
 (:func:`flaxlora.memory.memory_account`) is what this is tested against.

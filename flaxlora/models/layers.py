@@ -57,7 +57,9 @@ REMAT_POLICIES: Mapping[str, Callable | None] = {
 
 
 def remat_layer(layer: type[nn.Module], remat: str, deterministic_argnum: int) -> type[nn.Module]:
-    """``layer`` under ``nn.remat`` with the policy :data:`REMAT_POLICIES` names (``"none"``: as is).
+    """``layer`` rematerialised with the policy :data:`REMAT_POLICIES` names (``"none"``: as is):
+    Flax's ``nn.remat`` with :func:`~flaxlora.dataflow.checkpoint_after_cotangent` for
+    ``jax.checkpoint``, so that each layer is recomputed only when its backward pass comes.
 
     deterministic_argnum: the position of the static ``deterministic`` flag in ``__call__``
     (``self`` is 0). Parameter names are unchanged.
@@ -73,9 +75,11 @@ def remat_layer(layer: type[nn.Module], remat: str, deterministic_argnum: int) -
 def _lifted_checkpoint(fn: Callable, policy: Callable, static_argnum: int) -> Callable:
     """``flax.core.lift.checkpoint`` with :func:`~flaxlora.dataflow.checkpoint_after_cotangent` for
     ``jax.checkpoint``: ``fn(scope, *args)`` with ``args[static_argnum]`` static; the variables are
-    the weights, never copied to tie them."""
+    the weights, never copied to tie them. Positional arguments only."""
 
-    def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args):
+    def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args, **kwargs):
+        if kwargs:
+            raise TypeError(f"a rematerialised layer takes positional arguments only, got {sorted(kwargs)}")
         static = args[static_argnum]
 
         def rematted(variable_groups, rng_groups, *dynamic):
@@ -86,7 +90,7 @@ def _lifted_checkpoint(fn: Callable, policy: Callable, static_argnum: int) -> Ca
         dynamic = args[:static_argnum] + args[static_argnum + 1:]
         return checkpoint_after_cotangent(rematted, policy)(variable_groups, rng_groups, *dynamic)
 
-    return lift.pack(inner, (True,), (True,), (True,), name="remat")
+    return lift.pack(inner, (True,), (True,), (True,), name="remat", enable_kwargs=True)
 
 
 def activation(name: str) -> Callable[[Array], Array]:
