@@ -169,4 +169,3 @@ def test_the_bf16_adapter_product_keeps_less_than_a_plain_bf16_product():
     x = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16)
     peaks = [memory_account(step(f).lower(adapters, x), ("trained", "batch"))[1].peak for f in (plain, ours)]
     assert peaks[1] < 0.95 * peaks[0]
-

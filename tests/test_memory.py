@@ -69,8 +69,9 @@ def test_a_layer_checkpointed_after_its_cotangent_is_recomputed_one_at_a_time():
     same loss and gradients, and no gradient of a frozen weight formed (no dot of its shape in the
     lowered program)."""
     plain, args = _adapted_stack_step(lambda f: f)
-    checkpointed, _ = _adapted_stack_step(lambda f: jax.checkpoint(lambda *args: f(*args)))  # (a new function per
-    # call: jax.checkpoint reuses its trace of one it has seen, which fails where other weights are trained)
+    # jax.checkpoint of a new function per call: of one it has seen, it reuses the trace, which fails
+    # where another layer trains other weights
+    checkpointed, _ = _adapted_stack_step(lambda f: jax.checkpoint(lambda *args: f(*args)))
     ours, _ = _adapted_stack_step(checkpoint_after_cotangent)
     for got, want in zip(jax.tree.leaves(ours(*args)), jax.tree.leaves(plain(*args))):
         assert jnp.allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))

@@ -10,9 +10,10 @@ What the layers keep for the backward pass follows this implementation (see
 :mod:`flaxlora.models.layers`): per layer of a Llama, the float32 residual stream at both norms,
 the attention's q, k and v (its probabilities are recomputed), the MLP's gate and up, and each
 adapter's input; with ``remat="full"`` only the layer's input; with ``"block"`` its input and its
-dense outputs but the last (only added to the residual stream). The peak comes in the backward pass of the last layer: every layer's kept
-activations, one layer's full set and the larger of its attention backward (three float32
-rows x heads x length^2 arrays for the rows attention scores at a time) and its MLP backward. XLA's own account of a compiled step
+dense outputs but the last (only added to the residual stream). The peak comes in the backward
+pass of the last layer: every layer's kept activations, one layer's full set and the larger of its
+attention backward (three float32 rows x heads x length^2 arrays for the rows attention scores at
+a time) and its MLP backward. XLA's own account of a compiled step
 (:func:`flaxlora.memory.memory_account`) is what this is tested against.
 
 Supported: Llama and BERT-family models (T5: not modelled).
@@ -88,7 +89,7 @@ class _Parameters:
     trained: int  # trained parameters (adapters and fully trained extras)
     rank: int  # the adapters' (largest) rank
     adapted: int  # adapted modules in one layer
-    widths: dict[str, int]  # {role (ROLES): summed output width of the adapted modules of one layer}
+    roles: frozenset[str]  # the roles (ROLES) of the adapted modules of one layer
 
 
 @functools.lru_cache(maxsize=64)
@@ -118,17 +119,17 @@ def _parameters(config: Any, lora: LoraConfig, compute_dtype: str, param_dtype: 
         frozen += size // devices
         layer += size if re.search(r"/layers?/0/", path) else 0
     adapters = jax.eval_shape(lambda p: init_lora(p, lora, jax.random.key(0)), params)
-    widths: dict[str, int] = {}
+    roles = set()
     targets = resolve_targets(params, lora)
-    in_layer = [(path, t) for path, t in targets.items() if re.search(r"/layers?/0/", path)]
-    for path, target in in_layer:
+    in_layer = [path for path in targets if re.search(r"/layers?/0/", path)]
+    for path in in_layer:
         role = next((r for pattern, r in ROLES.items() if re.search(pattern, path)), None)
         if role is None:
             raise ValueError(f"the memory model knows no layer module like the adapter target {path!r}")
-        widths[role] = widths.get(role, 0) + math.prod(target.fan_out)
+        roles.add(role)
     return _Parameters(frozen, frozen + loaded, held < _bytes(param_dtype), layer, sum(a.size for a in jax.tree.leaves(adapters))
                        + sum(math.prod(shapes[p].shape) for p in trained),
-                       max((t.rank for t in targets.values()), default=0), len(in_layer), widths)
+                       max((t.rank for t in targets.values()), default=0), len(in_layer), frozenset(roles))
 
 
 def _dimensions(config: Any) -> tuple[str, int, int, int, int, int, int]:
@@ -156,12 +157,12 @@ def _layer_activations(config: Any, p: _Parameters, tokens: int, compute: int, r
         dense = (heads + 2 * kv_heads) * d + h + 2 * f if arch == "llama" else 4 * h + f
         return t * h * residual + t * dense * c + lora
     inputs = {"attention_in": h, "attention_out": heads * d, "mlp_in": h, "mlp_out": f}
-    adapted_inputs = sum(t * inputs[role] * c for role in p.widths)
+    adapted_inputs = sum(t * inputs[role] * c for role in p.roles)
     if arch == "llama":  # both norms' float32 input, q k v, the MLP's gate and up
         kept = 2 * t * h * 4 + t * (heads + 2 * kv_heads) * d * c + 2 * t * f * c
     else:  # the layer's input, both LayerNorms' input, q k v, the activation's input
         kept = 3 * t * h * c + 3 * t * h * c + t * f * c
-        adapted_inputs -= t * h * c if "attention_in" in p.widths else 0  # the layer's input, kept anyway
+        adapted_inputs -= t * h * c if "attention_in" in p.roles else 0  # the layer's input, kept anyway
     return kept + adapted_inputs + lora
 
 
